@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Install vla-ds and its dependencies into a virtual environment. Idempotent: a second run with an
+# unchanged setup.cfg only checks imports and returns in a few seconds.
+#
+#   bash launch/setup.sh                      # creates ./.venv if absent
+#   VLA_DS_VENV=/path/to/venv bash launch/setup.sh
+#   VLA_DS_SYSTEM_SITE=1 bash launch/setup.sh # new venv sees the system's (e.g. CUDA) torch
+#
+# torch is installed (torch==2.13.0) only when none is importable in the venv, so a CUDA build
+# that is already there is kept; pip is never left to resolve torch by itself, because an
+# unpinned torch requirement pulls several GB of CUDA packages.
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+venv=${VLA_DS_VENV:-$root/.venv}
+py=${PYTHON:-python3}
+torch_pin=${VLA_DS_TORCH:-torch==2.13.0}
+
+if [ ! -x "$venv/bin/python" ]; then
+  echo "[setup] creating virtual environment $venv"
+  opts=()
+  [ "${VLA_DS_SYSTEM_SITE:-0}" = 1 ] && opts+=(--system-site-packages)
+  "$py" -m venv "${opts[@]}" "$venv"
+fi
+vpy="$venv/bin/python"
+pip=("$vpy" -m pip install --disable-pip-version-check -q)
+
+if ! "$vpy" -c "import torch" >/dev/null 2>&1; then
+  echo "[setup] no torch importable: installing $torch_pin"
+  "${pip[@]}" "$torch_pin"
+fi
+
+# The stamp holds a hash of the packaging files: unchanged files + importable packages = done.
+stamp="$venv/.vla-ds-installed"
+want=$(cat setup.cfg pyproject.toml | "$vpy" -c "import hashlib,sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())")
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] \
+   && "$vpy" -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in
+      ['vla_ds', 'torch', 'deepspeed', 'transformers', 'peft', 'bitsandbytes', 'wandb', 'safetensors', 'pytest']))" \
+      >/dev/null 2>&1; then
+  echo "[setup] up to date ($venv)"
+  exit 0
+fi
+echo "[setup] pip install -e .[dev]"
+"${pip[@]}" -e ".[dev]"
+"$vpy" -c "import vla_ds, torch, deepspeed, transformers, peft, bitsandbytes, safetensors" >/dev/null
+echo "$want" > "$stamp"
+"$vpy" - <<'PY'
+import importlib.metadata as md
+names = ["torch", "deepspeed", "transformers", "peft", "bitsandbytes", "wandb", "safetensors", "tokenizers", "pytest"]
+print("[setup] installed: " + ", ".join(f"{n} {md.version(n)}" for n in names))
+PY

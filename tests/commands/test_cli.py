@@ -1,0 +1,59 @@
+"""The `vla-ds` entry point: installed console script, subcommands, one-line errors."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from vla_ds.cli import SUBCOMMANDS, build_parser, main
+
+
+def test_console_script_lists_subcommands():
+    exe = shutil.which("vla-ds", path=os.path.dirname(sys.executable)) or shutil.which("vla-ds")
+    assert exe, "the vla-ds console script is not installed (pip install -e .)"
+    out = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60, check=True).stdout
+    for name in SUBCOMMANDS:
+        assert name in out
+
+
+@pytest.mark.parametrize("name", sorted(SUBCOMMANDS))
+def test_every_subcommand_help_shows_defaults(name, capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args([name, "--help"])
+    assert e.value.code == 0
+    assert "(default:" in capsys.readouterr().out
+
+
+def test_tiny_model_command_writes_a_loadable_directory(tmp_path):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    assert main(["tiny-model", str(tmp_path / "m"), "--seed", "3"]) == 0
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "m")
+    assert model.config.text_config.hidden_size == 64
+
+
+def test_tiny_model_refuses_a_file_path_in_one_line(tmp_path, capfd):
+    target = tmp_path / "weights.bin"
+    target.write_text("not a directory")
+    assert main(["tiny-model", str(target)]) == 2
+    err = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "OUT_DIR" in err[0] and str(target) in err[0]
+    assert "Traceback" not in err[0]
+    assert target.read_text() == "not a directory"
+
+
+def test_tiny_model_refuses_to_replace_an_unrelated_directory(tmp_path):
+    (tmp_path / "notes.txt").write_text("precious")
+    assert main(["tiny-model", str(tmp_path)]) == 2
+    assert (tmp_path / "notes.txt").read_text() == "precious"
+
+
+def test_demo_runs_end_to_end(tmp_path, caplog):
+    with caplog.at_level(logging.INFO):
+        assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
+    assert (tmp_path / "demo" / "backbone" / "model.safetensors").is_file()
+    assert "demo finished" in caplog.text

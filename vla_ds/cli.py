@@ -1,0 +1,59 @@
+"""`vla-ds` command line: one entry, one subcommand per job.
+
+Each subcommand lives in its own module under `vla_ds/commands/` exposing
+`add_parser(subparsers, name)` (flags, with defaults shown in `--help`, and `run` set as the
+handler). Those modules import torch/transformers only inside their handlers, so `vla-ds --help`
+stays fast. `main(argv)` is importable and returns the exit code,
+so tests call it in-process.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from vla_ds import __version__
+from vla_ds.errors import UsageError
+
+log = logging.getLogger("vla_ds")
+
+SUBCOMMANDS = {
+    "demo": "vla_ds.commands.demo",
+    "tiny-model": "vla_ds.commands.tiny_model",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
+    parser = argparse.ArgumentParser(
+        prog="vla-ds",
+        description="Train QwenVLA policies for robotic needle insertion with DeepSpeed.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"vla-ds {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging with timestamps and ranks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, module in SUBCOMMANDS.items():
+        importlib.import_module(module).add_parser(sub, name)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from vla_ds.utils.logging import setup_logging
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        return int(args.run(args) or 0)
+    except UsageError as e:
+        log.error("vla-ds %s: %s", args.command, e)
+        return 2
+    except KeyboardInterrupt:
+        log.error("vla-ds %s: interrupted", args.command)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

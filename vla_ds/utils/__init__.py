@@ -1,0 +1,1 @@
+"""Small helpers shared across vla-ds: atomic file writes, logging, distributed rank queries."""
