@@ -20,6 +20,8 @@ log = logging.getLogger("vla_ds")
 SUBCOMMANDS = {
     "demo": "vla_ds.commands.demo",
     "tiny-model": "vla_ds.commands.tiny_model",
+    "preprocess": "vla_ds.commands.preprocess",
+    "stats": "vla_ds.commands.stats",
 }
 
 

@@ -1,12 +1,31 @@
-"""Loading the Qwen2.5-VL backbone: one code path for the real 3B directory and the tiny one."""
+"""The Qwen2.5-VL backbone: loading (one code path for the real 3B and the tiny model) and the
+per-sample VL features the policy consumes.
+
+Each sample is its own chat message (all of its camera views, then its instruction); the samples
+are tokenized together with right padding, and the features are the chosen hidden state with the
+attention mask, as tokens `(B, L, D)` and as a masked mean `(B, D)` over real tokens only. (The
+old trainer put the whole batch into one conversation and so crashed for batch > 1.) D is read from
+the backbone's config, never assumed.
+"""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from torch import nn
+
+from vla_ds.model.layers import masked_mean
 
 log = logging.getLogger(__name__)
+
+# Module names inside transformers' Qwen2_5_VLForConditionalGeneration (checked on 5.17-5.24).
+VISION_MODULE = "model.visual"
+LANGUAGE_MODEL = "model.language_model"
+LM_HEAD = "lm_head"
 
 
 def default_dtype(device: torch.device | str | None = None) -> torch.dtype:
@@ -17,22 +36,74 @@ def default_dtype(device: torch.device | str | None = None) -> torch.dtype:
     return torch.float32
 
 
+def resolve_dtype(name: str, device: torch.device | str | None = None) -> torch.dtype:
+    """`ModelConfig.dtype` ("auto" or a torch dtype name) as a torch dtype."""
+    return default_dtype(device) if name == "auto" else getattr(torch, name)
+
+
 def load_vl_model(
     path: str | os.PathLike,
     dtype: torch.dtype | None = None,
     attn_implementation: str = "sdpa",
     device: torch.device | str | None = None,
+    load_in_8bit: bool = False,
 ):
-    """`Qwen2_5_VLForConditionalGeneration.from_pretrained(path)` in eval mode on `device`."""
+    """`Qwen2_5_VLForConditionalGeneration.from_pretrained(path)` in eval mode on `device`.
+
+    With `load_in_8bit` the language model's linear layers become bitsandbytes int8 layers, loaded
+    straight onto `device` (CPU included: bitsandbytes >= 0.45 has a CPU backend); the vision tower
+    and the lm_head stay in `dtype`, because int8 vision features cost accuracy for little memory.
+    """
     from transformers import Qwen2_5_VLForConditionalGeneration
 
+    if attn_implementation == "flash_attention_2":
+        from transformers.utils import is_flash_attn_2_available
+
+        if not is_flash_attn_2_available():
+            raise ValueError("--attn-implementation flash_attention_2 needs the flash-attn package; use sdpa")
     dtype = dtype or default_dtype(device)
+    kwargs = {}
+    if load_in_8bit:
+        from transformers import BitsAndBytesConfig
+
+        # bitsandbytes layers cannot be moved after loading: place them on the target device now.
+        target = torch.device(device or "cpu")
+        if target.type == "cuda" and target.index is None:
+            target = torch.device("cuda", torch.cuda.current_device())
+        kwargs["device_map"] = {"": str(target)}
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_8bit=True, llm_int8_skip_modules=[VISION_MODULE, LM_HEAD]
+        )
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        path, dtype=dtype, attn_implementation=attn_implementation
+        path, dtype=dtype, attn_implementation=attn_implementation, **kwargs
     )
-    if device is not None:
+    if device is not None and not load_in_8bit:
         model.to(device)
     return model.eval()
+
+
+def read_backbone_config(path: str | os.PathLike):
+    """The backbone's `Qwen2_5_VLConfig` alone (no weights), e.g. for VL-cache mode."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--backbone {path}: cannot read a Qwen2.5-VL config there ({e})") from None
+    if getattr(config, "model_type", None) != "qwen2_5_vl":
+        raise ValueError(f"--backbone {path}: model_type is {config.model_type!r}, expected qwen2_5_vl")
+    return config
+
+
+def hidden_size(config) -> int:
+    """D, the width of the language model's hidden states (2048 for the 3B)."""
+    text = getattr(config, "text_config", None) or config
+    return int(text.hidden_size)
+
+
+def num_lm_layers(config) -> int:
+    text = getattr(config, "text_config", None) or config
+    return int(text.num_hidden_layers)
 
 
 def chat_message(num_images: int, instruction: str) -> list[dict]:
@@ -40,3 +111,104 @@ def chat_message(num_images: int, instruction: str) -> list[dict]:
     content = [{"type": "image"} for _ in range(num_images)]
     content.append({"type": "text", "text": instruction})
     return [{"role": "user", "content": content}]
+
+
+def load_image(image):
+    """A PIL image as RGB; a path is opened (the robot passes file paths, the data loader PIL)."""
+    from PIL import Image
+
+    if isinstance(image, (str, os.PathLike)):
+        if not Path(image).is_file():
+            raise FileNotFoundError(f"image {image} does not exist")
+        with Image.open(image) as im:
+            return im.convert("RGB")
+    if isinstance(image, Image.Image):
+        return image if image.mode == "RGB" else image.convert("RGB")
+    raise TypeError(f"images must be PIL images or file paths, got {type(image).__name__}")
+
+
+@dataclass
+class VLFeatures:
+    """Vision-language features of a batch: tokens `(B, L, D)`, mask `(B, L)` bool, pooled `(B, D)`.
+
+    From the live backbone, `pooled` is the masked mean of `tokens`; from a VL cache it is whatever
+    the cache stored (the same quantity, computed when the cache was built).
+    """
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    pooled: torch.Tensor
+
+    def __post_init__(self):
+        if self.tokens.dim() != 3 or self.mask.shape != self.tokens.shape[:2]:
+            raise ValueError(f"VL tokens {tuple(self.tokens.shape)} and mask {tuple(self.mask.shape)} disagree")
+        if self.pooled.shape != (self.tokens.shape[0], self.tokens.shape[2]):
+            raise ValueError(f"VL pooled {tuple(self.pooled.shape)} does not match tokens {tuple(self.tokens.shape)}")
+
+    @classmethod
+    def from_cache(cls, batch: dict, width: int) -> "VLFeatures":
+        """Features from a VL-cache batch: `vl_pooled` (B, D), optional `vl_tokens` (B, K, D) + mask."""
+        pooled = batch["vl_pooled"]
+        if pooled.dim() != 2 or pooled.shape[1] != width:
+            raise ValueError(f"batch vl_pooled is {tuple(pooled.shape)}, the backbone's features are (B, {width}); "
+                             "was the VL cache built with another --backbone?")
+        tokens = batch.get("vl_tokens")
+        if tokens is None:
+            # Pooled-only cache: the memory is one token per sample.
+            return cls(pooled.unsqueeze(1), torch.ones(pooled.shape[0], 1, dtype=torch.bool, device=pooled.device),
+                       pooled)
+        mask = batch.get("vl_tokens_mask")
+        if mask is None:
+            mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        return cls(tokens, mask.bool(), pooled)
+
+
+class VLEncoder(nn.Module):
+    """The Qwen2.5-VL model + processor, turning (views, instruction) samples into `VLFeatures`.
+
+    Runs under `torch.no_grad()` whenever no backbone parameter requires grad (finetune none), so
+    a frozen 3B keeps no activations for backward.
+    """
+
+    def __init__(self, model, processor, feature_layer: int = -1):
+        super().__init__()
+        self.model = model
+        self.processor = processor
+        layers = num_lm_layers(model.config)
+        if not -(layers + 1) <= feature_layer <= layers:
+            raise ValueError(f"--vl-feature-layer {feature_layer} is outside the backbone's hidden states "
+                             f"(-{layers + 1}..{layers})")
+        self.feature_layer = feature_layer
+
+    @property
+    def hidden_size(self) -> int:
+        return hidden_size(self.model.config)
+
+    def trains(self) -> bool:
+        return any(p.requires_grad for p in self.model.parameters())
+
+    def processor_inputs(self, images: list[list], instructions: list[str]) -> dict:
+        """Tokenize one chat message per sample (right-padded) and preprocess all views in order."""
+        if len(images) != len(instructions):
+            raise ValueError(f"batch has {len(images)} image lists but {len(instructions)} instructions")
+        texts = [
+            self.processor.apply_chat_template(chat_message(len(views), instr), tokenize=False,
+                                               add_generation_prompt=True)
+            for views, instr in zip(images, instructions)
+        ]
+        flat = [load_image(im) for views in images for im in views]
+        return self.processor(text=texts, images=flat or None, padding=True, padding_side="right",
+                              return_tensors="pt")
+
+    def forward(self, images: list[list], instructions: list[str]) -> VLFeatures:
+        inputs = self.processor_inputs(images, instructions)
+        device = next(self.model.parameters()).device
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        grad = contextlib.nullcontext() if self.trains() else torch.no_grad()
+        want_all = self.feature_layer != -1
+        with grad:
+            # The inner Qwen2_5_VLModel: hidden states without the vocabulary-sized lm_head matmul.
+            out = self.model.model(**inputs, use_cache=False, output_hidden_states=want_all, return_dict=True)
+        hidden = out.hidden_states[self.feature_layer] if want_all else out.last_hidden_state
+        mask = inputs["attention_mask"].bool()
+        return VLFeatures(hidden, mask, masked_mean(hidden, mask))

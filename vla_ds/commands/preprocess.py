@@ -1,0 +1,76 @@
+"""`vla-ds preprocess SRC... --out DATASET_DIR`: ingest recordings (layouts A and B)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from vla_ds.commands import HELP_FORMAT
+
+log = logging.getLogger(__name__)
+
+
+def add_parser(sub, name: str) -> None:
+    p = sub.add_parser(
+        name,
+        help="ingest recorder sessions / frame-list folders into a vla-ds dataset",
+        description="Turn raw recorder sessions (recv_all_*/ with View*/, robot_state_*.csv, sensor_data_*.npz) "
+        "and pre-made frame-list folders (*_View*_single.json) into vla-ds episodes. Idempotent: unchanged "
+        "sessions are skipped.",
+        formatter_class=HELP_FORMAT,
+    )
+    p.add_argument("sources", nargs="+", metavar="SRC", help="session folders, folders holding sessions, or globs")
+    p.add_argument("--out", required=True, type=Path, help="dataset directory to write (DATASET_DIR)")
+    p.add_argument("--instruction", default=None, help="one instruction for every session (overrides the others)")
+    p.add_argument(
+        "--instructions",
+        default=None,
+        metavar="FILE",
+        help="JSON {folder name or glob: instruction}; else instruction.txt in the folder, else the folder's name",
+    )
+    p.add_argument("--max-side", type=int, default=448, help="downscale images to this longer side (0: keep originals in place)")
+    p.add_argument("--tolerance", type=float, default=0.05, help="seconds within which camera frames and robot states are matched")
+    p.add_argument("--sensor-dtype", choices=["float16", "float32"], default="float16", help="storage dtype of sensor.npy")
+    p.add_argument("--skip-bad", action="store_true", help="count and skip bad frames/sessions instead of stopping")
+    p.add_argument("--workers", type=int, default=1, help="sessions ingested in parallel")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from vla_ds.data.ingest import IngestOptions, preprocess
+    from vla_ds.errors import UsageError
+
+    try:
+        opts = IngestOptions(
+            instruction=args.instruction,
+            instructions_file=args.instructions,
+            max_side=args.max_side,
+            tolerance_s=args.tolerance,
+            sensor_dtype=args.sensor_dtype,
+            skip_bad=args.skip_bad,
+        )
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    summary = preprocess(args.sources, args.out, opts, workers=args.workers)
+    log_summary(summary, args.out)
+    return 0
+
+
+def log_summary(summary: dict, out: Path) -> None:
+    log.info(
+        "%d episodes (%d written, %d unchanged, %d with sensor), %d samples, sensor share %.1f %%",
+        summary["episodes"],
+        summary["written"],
+        summary["unchanged"],
+        summary["episodes_with_sensor"],
+        summary["samples"],
+        100 * summary["sensor_share"],
+    )
+    for reason, n in sorted(summary["dropped"].items()):
+        log.info("  dropped %5d  %s", n, reason)
+    for view, n in sorted(summary["frames_missing_a_view"].items()):
+        log.info("  %5d frames without a %s image within tolerance", n, view)
+    for s in summary["skipped_sessions"]:
+        log.info("  skipped session %s: %s", s["source"], s["reason"])
+    log.info("dataset: %s (summary in %s)", out, json.dumps(str(Path(out) / "summary.json")))

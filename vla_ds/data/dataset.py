@@ -1,0 +1,232 @@
+"""`IntegratedDataset`: training samples from many vla-ds dataset directories, with and without sensor.
+
+A sample is frame `t` of an episode (every frame that has a next frame). It returns:
+
+  images        list of V PIL images (the chosen views, in order)       [unless load_images=False]
+  instruction   str
+  actions       (H, 7) float32: for step k, the pose change from frame t+k to t+k+1 -- dx, dy, dz
+                (robot units) and da, db, dr (degrees, wrapped to the shortest arc) -- and, as the
+                7th dim, the episode progress (t+k+1)/(N-1) reached by that step (0 -> 1 over the
+                episode; the robot can read it as "how close to done"). Steps past the episode end
+                are zero and masked.
+  action_mask   (H,) bool, False for padded steps
+  sensor        (T, C) float32: the sensor rows between the previous frame and this one, newest
+                last; windows longer than T keep the most recent T rows; shorter ones are padded
+                with zeros after the valid rows. All zeros for samples without sensor.
+  sensor_mask   (T,) bool, True for valid rows
+  has_sensor    bool
+  sample_id     "<episode_id>:<frame index, 6 digits>" (stable: the VL cache keys on it)
+  episode_id    str
+
+Sensor streams are memory-mapped, opened lazily in each DataLoader worker (never pickled, never
+loaded whole).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from vla_ds.data.format import SENSOR_FILE, EpisodeMeta, FrameTable, find_episode_dirs, pose_deltas
+
+log = logging.getLogger(__name__)
+ACTION_DIM = 7
+
+
+@dataclass
+class _Episode:
+    dir: Path
+    meta: EpisodeMeta
+    frames: FrameTable
+    actions: np.ndarray  # (N-1, 7) per-step action (deltas + progress)
+
+
+def episode_actions(pose: np.ndarray) -> np.ndarray:
+    """(N, 6) poses -> (N-1, 7) step actions: wrapped pose deltas and the progress reached."""
+    n = len(pose)
+    progress = (np.arange(1, n) / max(n - 1, 1))[:, None]
+    return np.concatenate([pose_deltas(pose), progress], axis=1).astype(np.float32)
+
+
+def _resolve_views(episodes: list[_Episode], views: list[str] | int | None) -> list[str] | None:
+    if isinstance(views, int):
+        return None  # per-episode: the first N of each episode's views
+    if views:
+        for ep in episodes:
+            missing = [v for v in views if v not in ep.meta.views]
+            if missing:
+                raise ValueError(f"--views: episode {ep.meta.episode_id} has no view(s) {', '.join(missing)} (it has {', '.join(ep.meta.views)})")
+        return list(views)
+    common = [v for v in episodes[0].meta.views if all(v in ep.meta.views for ep in episodes)]
+    if not common:
+        raise ValueError("--views: the episodes share no camera view; name the views to use with --views")
+    return common
+
+
+class IntegratedDataset(Dataset):
+    """Samples from the episodes under `data` (dataset dirs, episode dirs or globs)."""
+
+    def __init__(
+        self,
+        data: list[str | os.PathLike] | str | os.PathLike,
+        views: list[str] | int | None = None,
+        horizon: int = 8,
+        sensor_length: int = 650,
+        sensor_channels: int | None = None,
+        load_images: bool = True,
+        episode_ids: list[str] | set[str] | None = None,
+    ):
+        if horizon < 1 or sensor_length < 1:
+            raise ValueError("horizon and sensor_length must be >= 1")
+        paths = [data] if isinstance(data, (str, os.PathLike)) else list(data)
+        dirs = find_episode_dirs(paths)
+        episodes = []
+        for d in dirs:
+            meta = EpisodeMeta.load(d)
+            if episode_ids is not None and meta.episode_id not in episode_ids:
+                continue
+            frames = FrameTable.load(d)
+            episodes.append(_Episode(d, meta, frames, episode_actions(frames.pose)))
+        if not episodes:
+            raise ValueError(f"--data {' '.join(map(str, paths))}: no episodes selected")
+        self.episodes = episodes
+        self.horizon, self.sensor_length, self.load_images = horizon, sensor_length, load_images
+        self.view_names = _resolve_views(episodes, views)
+        self.num_views = views if isinstance(views, int) else len(self.view_names)
+        channels = {ep.meta.sensor["channels"] for ep in episodes if ep.meta.has_sensor}
+        if len(channels) > 1:
+            raise ValueError(f"--data: episodes disagree on sensor channels {sorted(channels)}; ingest them alike")
+        self.sensor_channels = sensor_channels or (channels.pop() if channels else 1026)
+        self._build_index()
+        self._mmaps: dict[int, np.ndarray] = {}
+
+    def _episode_views(self, ep: _Episode) -> list[str]:
+        return self.view_names if self.view_names is not None else ep.meta.views[: self.num_views]
+
+    def _build_index(self) -> None:
+        ep_idx, frame_idx, sensor = [], [], []
+        self.excluded_frames = 0  # frames lacking one of the chosen views
+        for e, ep in enumerate(self.episodes):
+            n = len(ep.frames)
+            ok = np.ones(n - 1, bool)
+            for v in self._episode_views(ep):
+                ok &= np.asarray([p is not None for p in ep.frames.images[v][: n - 1]])
+            self.excluded_frames += int((~ok).sum())
+            idx = np.nonzero(ok)[0]
+            ep_idx.append(np.full(len(idx), e))
+            frame_idx.append(idx)
+            if ep.frames.sensor_start is not None and ep.meta.has_sensor:
+                sensor.append(ep.frames.sensor_end[idx] > ep.frames.sensor_start[idx])
+            else:
+                sensor.append(np.zeros(len(idx), bool))
+        self._ep = np.concatenate(ep_idx).astype(np.int64)
+        self._frame = np.concatenate(frame_idx).astype(np.int64)
+        self.sample_has_sensor = np.concatenate(sensor)
+        if self.excluded_frames:
+            log.info("dataset: %d frames left out because a chosen view has no image there", self.excluded_frames)
+
+    # ------------------------------------------------------------------ introspection
+    def __len__(self) -> int:
+        return len(self._ep)
+
+    @property
+    def episode_ids(self) -> list[str]:
+        return [ep.meta.episode_id for ep in self.episodes]
+
+    @property
+    def episode_has_sensor(self) -> list[bool]:
+        return [ep.meta.has_sensor for ep in self.episodes]
+
+    def sample_id(self, i: int) -> str:
+        return f"{self.episodes[self._ep[i]].meta.episode_id}:{self._frame[i]:06d}"
+
+    def sample_ids(self) -> list[str]:
+        return [self.sample_id(i) for i in range(len(self))]
+
+    def __getstate__(self):  # DataLoader workers re-open memory maps themselves
+        state = self.__dict__.copy()
+        state["_mmaps"] = {}
+        return state
+
+    # ------------------------------------------------------------------ items
+    def _sensor_rows(self, e: int) -> np.ndarray:
+        mm = self._mmaps.get(e)
+        if mm is None:
+            mm = self._mmaps[e] = np.load(self.episodes[e].dir / SENSOR_FILE, mmap_mode="r")
+        return mm
+
+    def actions(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        ep, t = self.episodes[self._ep[i]], int(self._frame[i])
+        chunk = ep.actions[t : t + self.horizon]
+        out = np.zeros((self.horizon, ACTION_DIM), np.float32)
+        out[: len(chunk)] = chunk
+        mask = np.zeros(self.horizon, bool)
+        mask[: len(chunk)] = True
+        return out, mask
+
+    def sensor_window(self, i: int) -> tuple[np.ndarray, np.ndarray, bool]:
+        e, t = int(self._ep[i]), int(self._frame[i])
+        out = np.zeros((self.sensor_length, self.sensor_channels), np.float32)
+        mask = np.zeros(self.sensor_length, bool)
+        if not self.sample_has_sensor[i]:
+            return out, mask, False
+        fr = self.episodes[e].frames
+        start, end = int(fr.sensor_start[t]), int(fr.sensor_end[t])
+        start = max(start, end - self.sensor_length)  # keep the most recent rows
+        rows = self._sensor_rows(e)[start:end]
+        out[: len(rows)] = rows
+        mask[: len(rows)] = True
+        return out, mask, True
+
+    def images(self, i: int) -> list:
+        from PIL import Image
+
+        ep, t = self.episodes[self._ep[i]], int(self._frame[i])
+        out = []
+        for v in self._episode_views(ep):
+            p = Path(ep.frames.images[v][t])
+            with Image.open(p if p.is_absolute() else ep.dir / p) as im:
+                out.append(im.convert("RGB"))
+        return out
+
+    def __getitem__(self, i: int) -> dict:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        ep = self.episodes[self._ep[i]]
+        actions, action_mask = self.actions(i)
+        sensor, sensor_mask, has_sensor = self.sensor_window(i)
+        item = {
+            "instruction": ep.meta.instruction,
+            "actions": torch.from_numpy(actions),
+            "action_mask": torch.from_numpy(action_mask),
+            "sensor": torch.from_numpy(sensor),
+            "sensor_mask": torch.from_numpy(sensor_mask),
+            "has_sensor": has_sensor,
+            "sample_id": self.sample_id(i),
+            "episode_id": ep.meta.episode_id,
+        }
+        if self.load_images:
+            item["images"] = self.images(i)
+        return item
+
+
+def collate(samples: list[dict]) -> dict:
+    """Batch samples of any mix of sensor / no-sensor; any batch size."""
+    batch = {
+        "instructions": [s["instruction"] for s in samples],
+        "actions": torch.stack([s["actions"] for s in samples]),
+        "action_mask": torch.stack([s["action_mask"] for s in samples]),
+        "sensor": torch.stack([s["sensor"] for s in samples]),
+        "sensor_mask": torch.stack([s["sensor_mask"] for s in samples]),
+        "has_sensor": torch.tensor([bool(s["has_sensor"]) for s in samples]),
+        "sample_ids": [s["sample_id"] for s in samples],
+        "episode_ids": [s["episode_id"] for s in samples],
+    }
+    if "images" in samples[0]:
+        batch["images"] = [s["images"] for s in samples]
+    return batch

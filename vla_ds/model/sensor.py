@@ -1,0 +1,143 @@
+"""The sensor encoder: a (B, T, C) force + A-scan window -> sensor tokens (B, T', S) + pooled (B, S).
+
+Input is the normalized sensor window (per-channel z-scores, invalid rows zeroed; see
+`normalize.Normalizer`). Channel 0 (force) and channels 1.. (A-scan) go through separate stride-2
+conv stems whose outputs are summed: in one shared stem the single force channel would be 1/1026th
+of the first layer's input and could be drowned out. A small pre-norm transformer then mixes the
+T' = T / 2^blocks steps, and a linear layer maps to the output width S.
+
+Normalization is per time step over channels (LayerNorm), never across the batch: 95 % of the
+training samples carry no sensor, and a BatchNorm would learn their zeros.
+
+Samples without a sensor (has_sensor False, or no valid row) must not look like "a reading of all
+zeros": their tokens and pooled vector are replaced by a learned missing-sensor embedding. The
+encoder still runs on them -- and on batches with no sensor sample at all -- because under ZeRO-3
+every rank must run every submodule every step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vla_ds.model.layers import masked_mean
+
+KERNEL = 5  # conv kernel; stride 2, padding 2 -> out length ceil(T / 2)
+
+
+@dataclass
+class SensorFeatures:
+    """tokens (B, T', S), mask (B, T') bool (True = valid step), pooled (B, S), present (B,) bool."""
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    pooled: torch.Tensor
+    present: torch.Tensor
+
+
+def downsampled_length(length: int, blocks: int) -> int:
+    for _ in range(blocks):
+        length = (length - 1) // 2 + 1
+    return length
+
+
+class ChannelLayerNorm(nn.LayerNorm):
+    """LayerNorm over the channels of a (B, C, T) tensor, independently at every step."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.transpose(1, 2)).transpose(1, 2)
+
+
+def _conv_stem(in_channels: int, hidden: int, blocks: int) -> nn.ModuleList:
+    """`blocks` x (stride-2 Conv1d -> channel LayerNorm -> GELU); with 0 blocks a pointwise conv."""
+    if blocks == 0:
+        return nn.ModuleList([nn.Sequential(nn.Conv1d(in_channels, hidden, 1), ChannelLayerNorm(hidden), nn.GELU())])
+    return nn.ModuleList(
+        nn.Sequential(
+            nn.Conv1d(in_channels if i == 0 else hidden, hidden, KERNEL, stride=2, padding=KERNEL // 2),
+            ChannelLayerNorm(hidden),
+            nn.GELU(),
+        )
+        for i in range(blocks)
+    )
+
+
+class SensorEncoder(nn.Module):
+    """Separate force / A-scan conv stems -> transformer -> tokens + masked-mean pooled vector."""
+
+    def __init__(
+        self,
+        input_channels: int = 1026,
+        temporal_length: int = 650,
+        hidden_dim: int = 512,
+        output_dim: int = 3072,
+        conv_blocks: int = 4,
+        num_layers: int = 2,
+        num_heads: int = 8,
+        dropout: float = 0.1,
+    ):
+        super().__init__()
+        if input_channels < 2:
+            raise ValueError("--sensor-input-channels must be >= 2 (force + A-scan)")
+        self.input_channels = input_channels
+        self.temporal_length = temporal_length
+        self.conv_blocks = conv_blocks
+        self.output_dim = output_dim
+        self.force_stem = _conv_stem(1, hidden_dim, conv_blocks)
+        self.ascan_stem = _conv_stem(input_channels - 1, hidden_dim, conv_blocks)
+        self.num_steps = downsampled_length(temporal_length, conv_blocks)
+        self.pos_embedding = nn.Parameter(torch.randn(self.num_steps, hidden_dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(
+            hidden_dim, num_heads, 4 * hidden_dim, dropout, activation="gelu", batch_first=True, norm_first=True
+        )
+        self.transformer = nn.TransformerEncoder(layer, num_layers, norm=nn.LayerNorm(hidden_dim),
+                                                 enable_nested_tensor=False)
+        self.out = nn.Linear(hidden_dim, output_dim)
+        self.missing_embedding = nn.Parameter(torch.randn(output_dim) * 0.02)
+
+    def _block_masks(self, valid: torch.Tensor) -> list[torch.Tensor]:
+        """The (B, 1, T_i) valid-step mask after each conv block: a step is valid if its conv
+        window covers any valid input step."""
+        masks = []
+        for _ in range(max(self.conv_blocks, 1)):
+            if self.conv_blocks:
+                valid = F.max_pool1d(valid, KERNEL, stride=2, padding=KERNEL // 2)
+            masks.append(valid)
+        return masks
+
+    @staticmethod
+    def _stem(stem: nn.ModuleList, x: torch.Tensor, masks: list[torch.Tensor]) -> torch.Tensor:
+        """Run one conv stem, re-zeroing padded steps after every block so padding never spreads."""
+        for block, valid in zip(stem, masks):
+            x = block(x) * valid
+        return x
+
+    def forward(self, sensor: torch.Tensor, valid: torch.Tensor, has_sensor: torch.Tensor) -> SensorFeatures:
+        """`sensor` (B, T, C) normalized with invalid rows zeroed, `valid` (B, T), `has_sensor` (B,)."""
+        b, t, c = sensor.shape
+        if (t, c) != (self.temporal_length, self.input_channels):
+            raise ValueError(
+                f"sensor window is (B, {t}, {c}); the model expects (B, {self.temporal_length}, {self.input_channels}) "
+                "(--sensor-temporal-length, --sensor-input-channels)"
+            )
+        x = sensor.transpose(1, 2)  # (B, C, T)
+        masks = self._block_masks(valid.to(x.dtype).unsqueeze(1))
+        force = self._stem(self.force_stem, x[:, :1], masks)
+        ascan = self._stem(self.ascan_stem, x[:, 1:], masks)
+        h = (force + ascan).transpose(1, 2) + self.pos_embedding  # (B, T', hidden)
+        token_mask = masks[-1].squeeze(1) > 0  # (B, T')
+        present = has_sensor.bool() & token_mask.any(dim=1)
+        # A row with every key masked gives NaN attention (and NaN gradients even where the
+        # output is replaced below): let absent samples attend to their zeros instead.
+        key_padding = ~token_mask & present.unsqueeze(1)
+        h = self.transformer(h, src_key_padding_mask=key_padding)
+        tokens = self.out(h)
+        pooled = masked_mean(tokens, token_mask)
+        missing = self.missing_embedding.to(tokens.dtype)
+        keep = present.view(b, 1, 1)
+        tokens = torch.where(keep, tokens, missing.expand_as(tokens))
+        pooled = torch.where(keep.view(b, 1), pooled, missing.expand_as(pooled))
+        token_mask = token_mask | ~present.unsqueeze(1)  # the missing embedding is a valid token
+        return SensorFeatures(tokens, token_mask, pooled, present)
