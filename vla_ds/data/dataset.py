@@ -216,17 +216,21 @@ class IntegratedDataset(Dataset):
 
 
 def collate(samples: list[dict]) -> dict:
-    """Batch samples of any mix of sensor / no-sensor; any batch size."""
-    batch = {
+    """Batch samples of any mix of sensor / no-sensor; any batch size.
+
+    Tensors go through `default_collate`, which in a DataLoader worker stacks straight into shared
+    memory: the (B, 650, 1026) sensor batch then crosses to the main process without extra copies
+    (a plain torch.stack made the 2-worker loader ~5x slower).
+    """
+    from torch.utils.data import default_collate
+
+    batch = {k: default_collate([s[k] for s in samples]) for k in ("actions", "action_mask", "sensor", "sensor_mask")}
+    batch.update({
         "instructions": [s["instruction"] for s in samples],
-        "actions": torch.stack([s["actions"] for s in samples]),
-        "action_mask": torch.stack([s["action_mask"] for s in samples]),
-        "sensor": torch.stack([s["sensor"] for s in samples]),
-        "sensor_mask": torch.stack([s["sensor_mask"] for s in samples]),
         "has_sensor": torch.tensor([bool(s["has_sensor"]) for s in samples]),
         "sample_ids": [s["sample_id"] for s in samples],
         "episode_ids": [s["episode_id"] for s in samples],
-    }
+    })
     if "images" in samples[0]:
         batch["images"] = [s["images"] for s in samples]
     return batch

@@ -75,6 +75,13 @@ def camera_image(pose: np.ndarray, seed: int, height: int = 96, width: int = 128
     return Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8))
 
 
+def synthetic_view(seed: int, height: int = 120, width: int = 160):
+    """A camera frame at a seeded random pose (for tests that need some image)."""
+    rng = np.random.default_rng(seed)
+    pose = np.concatenate([rng.uniform(-5, 5, 3), rng.uniform(-180, 180, 3)])
+    return camera_image(pose, seed, height, width)
+
+
 def smooth_track(duration_s: float, seed: int, t0: float) -> RobotTrack:
     """A 100 Hz insertion-like trajectory whose yaw `a` crosses the +-180 degree seam."""
     rng = np.random.default_rng(seed)
