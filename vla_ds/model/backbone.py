@@ -12,8 +12,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -82,6 +82,16 @@ def load_vl_model(
     return model.eval()
 
 
+def check_backbone_path(path: str | os.PathLike) -> None:
+    """A backbone that is clearly a local path (absolute, relative with ./, or deeper than a hub
+    id's org/name) must exist: otherwise transformers reports a confusing hub lookup failure."""
+    text = str(path)
+    local = os.path.isabs(text) or text.startswith(".") or text.count("/") > 1
+    if local and not Path(text).is_dir():
+        raise FileNotFoundError(f"--backbone {text}: no such directory (for a policy moved from another machine, "
+                                "pass the new location: QwenVLA.from_pretrained(dir, backbone=PATH))")
+
+
 def read_backbone_config(path: str | os.PathLike):
     """The backbone's `Qwen2_5_VLConfig` alone (no weights), e.g. for VL-cache mode."""
     from transformers import AutoConfig
@@ -127,23 +137,26 @@ def load_image(image):
     raise TypeError(f"images must be PIL images or file paths, got {type(image).__name__}")
 
 
-@dataclass
-class VLFeatures:
+class VLFeatures(NamedTuple):
     """Vision-language features of a batch: tokens `(B, L, D)`, mask `(B, L)` bool, pooled `(B, D)`.
 
     From the live backbone, `pooled` is the masked mean of `tokens`; from a VL cache it is whatever
-    the cache stored (the same quantity, computed when the cache was built).
+    the cache stored (the same quantity, computed when the cache was built). A NamedTuple, not a
+    dataclass: ZeRO-3 finds a module's output tensors (to hook its backward) only inside tuples,
+    lists and dicts.
     """
 
     tokens: torch.Tensor
     mask: torch.Tensor
     pooled: torch.Tensor
 
-    def __post_init__(self):
+    def validated(self) -> "VLFeatures":
+        """Self, after checking that the three shapes agree (for features from outside, e.g. a cache)."""
         if self.tokens.dim() != 3 or self.mask.shape != self.tokens.shape[:2]:
             raise ValueError(f"VL tokens {tuple(self.tokens.shape)} and mask {tuple(self.mask.shape)} disagree")
         if self.pooled.shape != (self.tokens.shape[0], self.tokens.shape[2]):
             raise ValueError(f"VL pooled {tuple(self.pooled.shape)} does not match tokens {tuple(self.tokens.shape)}")
+        return self
 
     @classmethod
     def from_cache(cls, batch: dict, width: int) -> "VLFeatures":
@@ -160,7 +173,7 @@ class VLFeatures:
         mask = batch.get("vl_tokens_mask")
         if mask is None:
             mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
-        return cls(tokens, mask.bool(), pooled)
+        return cls(tokens, mask.bool(), pooled).validated()
 
 
 class VLEncoder(nn.Module):

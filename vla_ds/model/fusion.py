@@ -43,11 +43,12 @@ class _SensorFusion(nn.Module):
     """Base of the fusions that need the sensor: VL and sensor projections to the expert width."""
 
     uses_sensor = True
+    sensor_bias = True
 
     def __init__(self, vl_dim: int, sensor_dim: int, width: int, num_heads: int, dropout: float):
         super().__init__()
         self.vl_proj = NormLinear(vl_dim, width)
-        self.sensor_proj = NormLinear(sensor_dim, width)
+        self.sensor_proj = NormLinear(sensor_dim, width, bias=self.sensor_bias)
 
     def forward(self, vl: VLFeatures, sensor: SensorFeatures | None) -> tuple[torch.Tensor, torch.Tensor]:
         if sensor is None:
@@ -61,10 +62,8 @@ class _SensorFusion(nn.Module):
 class ConcatFusion(_SensorFusion):
     """Linear map of [VL token; pooled sensor] for every VL token."""
 
-    def __init__(self, vl_dim: int, sensor_dim: int, width: int, num_heads: int, dropout: float):
-        super().__init__(vl_dim, sensor_dim, width, num_heads, dropout)
-        # One bias for the concatenated map: the VL projection's; the sensor half has none.
-        self.sensor_proj = NormLinear(sensor_dim, width, bias=False)
+    # One bias for the concatenated map: the VL projection's; the sensor half has none.
+    sensor_bias = False
 
     def fuse(self, q, mask, sensor):
         return q + self.sensor_proj(sensor.pooled).unsqueeze(1)

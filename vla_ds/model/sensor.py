@@ -16,7 +16,7 @@ every rank must run every submodule every step.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -27,9 +27,12 @@ from vla_ds.model.layers import masked_mean
 KERNEL = 5  # conv kernel; stride 2, padding 2 -> out length ceil(T / 2)
 
 
-@dataclass
-class SensorFeatures:
-    """tokens (B, T', S), mask (B, T') bool (True = valid step), pooled (B, S), present (B,) bool."""
+class SensorFeatures(NamedTuple):
+    """tokens (B, T', S), mask (B, T') bool (True = valid step), pooled (B, S), present (B,) bool.
+
+    A NamedTuple so that ZeRO-3 sees the tensors the encoder returns: it hooks the backward of a
+    module's own parameters (here the positional and missing-sensor embeddings) through them.
+    """
 
     tokens: torch.Tensor
     mask: torch.Tensor
@@ -98,12 +101,13 @@ class SensorEncoder(nn.Module):
         self.missing_embedding = nn.Parameter(torch.randn(output_dim) * 0.02)
 
     def _block_masks(self, valid: torch.Tensor) -> list[torch.Tensor]:
-        """The (B, 1, T_i) valid-step mask after each conv block: a step is valid if its conv
-        window covers any valid input step."""
+        """The (B, 1, T_i) valid-step mask after each conv block: output step j (centred on input
+        2j) is valid if input 2j or 2j+1 is, so L valid rows give ceil(L/2) valid steps and a
+        sample with any valid row keeps at least one."""
         masks = []
         for _ in range(max(self.conv_blocks, 1)):
             if self.conv_blocks:
-                valid = F.max_pool1d(valid, KERNEL, stride=2, padding=KERNEL // 2)
+                valid = F.max_pool1d(valid, 2, stride=2, ceil_mode=True)
             masks.append(valid)
         return masks
 

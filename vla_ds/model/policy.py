@@ -1,0 +1,289 @@
+"""`QwenVLA`: Qwen2.5-VL backbone -> (sensor encoder) -> fusion -> action expert.
+
+    images + instructions --VLEncoder--> VL tokens (B, L, D) + mask      (or a VL cache's features)
+    sensor (B, T, C)      --Normalizer, SensorEncoder--> tokens (B, T', S), pooled (B, S)
+    fusion(VL, sensor)    --> memory (B, L, E) + mask
+    ActionExpert(memory)  --> actions (B, H, A), normalized
+
+`forward(batch)` returns normalized predictions and, when the batch has target actions, the
+per-sample masked loss (the trainer weights and averages it). `predict(...)` is the robot-side
+API returning denormalized actions. See docs/model.md for shapes and flags.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from vla_ds.data.stats import NormStats
+from vla_ds.model.action_head import ActionExpert, masked_action_loss
+from vla_ds.model.backbone import (
+    VLEncoder, VLFeatures, check_backbone_path, hidden_size, load_vl_model, read_backbone_config, resolve_dtype,
+)
+from vla_ds.model.config import ModelConfig
+from vla_ds.model.finetune import apply_finetune, backbone_component
+from vla_ds.model.fusion import build_fusion
+from vla_ds.model.normalize import Normalizer
+from vla_ds.model.sensor import SensorEncoder, SensorFeatures
+
+log = logging.getLogger(__name__)
+
+BACKBONE_PREFIX = "vl.model."  # parameter names of the HF backbone inside the policy
+COMPONENTS = ("expert", "sensor", "vl", "vision")  # optimizer groups, in order
+# Learned embeddings and queries are not decayed, like biases and norm weights.
+_NO_DECAY_SUFFIXES = ("queries", "_embedding", "embed_tokens.weight")
+
+
+class PolicyOutput(NamedTuple):
+    """What `QwenVLA.forward` returns; the loss fields are None when the batch has no targets.
+
+    A NamedTuple (like VLFeatures/SensorFeatures) so DeepSpeed's ZeRO-3 hooks see its tensors.
+    """
+
+    actions: torch.Tensor  # (B, H, A) predictions, normalized action space
+    per_sample_loss: torch.Tensor | None = None  # (B,) masked mean elementwise loss, fp32
+    target: torch.Tensor | None = None  # (B, H, A) normalized targets, fp32
+    valid_steps: torch.Tensor | None = None  # (B,) number of valid (unpadded) chunk steps
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+class QwenVLA(nn.Module):
+    """The vision-language-action policy.
+
+    `load_backbone=False` builds everything but the backbone weights (only its config is read, for
+    D): such a policy runs on VL-cache batches (`vl_pooled`, optional `vl_tokens`) only, and needs
+    `--finetune-vl none`. With `--load-in-8bit`, build it on its final `device`: bitsandbytes
+    layers cannot be moved afterwards.
+    """
+
+    def __init__(self, config: ModelConfig, stats: NormStats | None = None, device: torch.device | str | None = None,
+                 load_backbone: bool = True):
+        super().__init__()
+        self.config = config
+        device = torch.device(device) if device is not None else _default_device()
+        check_backbone_path(config.backbone)
+        if load_backbone:
+            from vla_ds.model.processor import load_processor
+
+            model = load_vl_model(config.backbone, resolve_dtype(config.dtype, device), config.attn_implementation,
+                                  device, load_in_8bit=config.load_in_8bit)
+            apply_finetune(model, config)
+            processor = load_processor(config.backbone, config.min_pixels, config.max_pixels)
+            self.vl = VLEncoder(model, processor, config.vl_feature_layer)
+            self.vl_dim = self.vl.hidden_size
+            # Fixed at build time from the config, so freezing the policy later (e.g. for
+            # inference) never changes what save_pretrained writes.
+            self.backbone_trained = [BACKBONE_PREFIX + n for n, p in model.named_parameters() if p.requires_grad]
+        else:
+            if config.trains_backbone:
+                raise ValueError(f"--finetune-vl {config.finetune_vl} trains the backbone, which a policy built "
+                                 "without backbone weights (VL-cache mode) lacks; use --finetune-vl none")
+            self.vl = None
+            self.vl_dim = hidden_size(read_backbone_config(config.backbone))
+            self.backbone_trained = []
+        if stats is None:
+            log.info("no normalization stats given: actions and sensor pass through unnormalized")
+            stats = NormStats.identity(config.action_dim, config.sensor_input_channels if config.sensor_enabled else None)
+        elif config.sensor_enabled and stats.sensor_mean is None:
+            log.warning("--sensor-enabled but the stats have no sensor statistics: the sensor is not normalized")
+        self.normalizer = Normalizer(stats, config.action_dim,
+                                     config.sensor_input_channels if config.sensor_enabled else None)
+        self.sensor_encoder = SensorEncoder(
+            config.sensor_input_channels, config.sensor_temporal_length, config.sensor_hidden_dim,
+            config.sensor_output_dim, config.sensor_conv_blocks, config.sensor_num_layers, config.sensor_num_heads,
+            config.head_dropout,
+        ).to(device) if config.sensor_enabled else None
+        self.fusion = build_fusion(config.effective_fusion, self.vl_dim, config.sensor_output_dim,
+                                   config.expert_hidden_dim, config.expert_num_heads, config.head_dropout).to(device)
+        self.expert = ActionExpert(config.horizon, config.action_dim, config.expert_hidden_dim,
+                                   config.expert_num_layers, config.expert_num_heads, config.head_dropout).to(device)
+        self.train()  # a trainable backbone in train mode (LoRA dropout, checkpointing), a frozen one in eval
+
+    # ------------------------------------------------------------------------------ properties
+    @property
+    def device(self) -> torch.device:
+        return self.expert.out.weight.device
+
+    @property
+    def head_dtype(self) -> torch.dtype:
+        return self.expert.out.weight.dtype
+
+    @property
+    def stats(self) -> NormStats:
+        return self.normalizer.stats
+
+    def train(self, mode: bool = True):
+        """Like nn.Module.train, but a frozen backbone stays in eval mode (no dropout, no checkpointing)."""
+        super().train(mode)
+        if self.vl is not None and not self.vl.trains():
+            self.vl.model.eval()
+        return self
+
+    # ------------------------------------------------------------------------------ forward
+    def encode_vl(self, batch: dict) -> VLFeatures:
+        """VL features from the batch's `vl_pooled`/`vl_tokens` (VL cache) if present, else from the
+        live backbone on `images` + `instructions`."""
+        if "vl_pooled" in batch:
+            feats = VLFeatures.from_cache(batch, self.vl_dim)
+            return VLFeatures(*(t.to(self.device) for t in feats))
+        if self.vl is None:
+            raise ValueError("this QwenVLA was built without backbone weights (load_backbone=False): batches must "
+                             "carry vl_pooled from a VL cache")
+        return self.vl(batch["images"], batch["instructions"])
+
+    def encode_sensor(self, batch: dict, batch_size: int) -> SensorFeatures:
+        """Sensor features; runs the encoder even when no sample has a sensor (ZeRO-3: every rank
+        runs every submodule every step), feeding zeros marked as absent."""
+        enc = self.sensor_encoder
+        device = self.device
+        if "sensor" in batch:
+            sensor = batch["sensor"].to(device)
+            valid = batch.get("sensor_mask")
+            valid = torch.ones(sensor.shape[:2], dtype=torch.bool, device=device) if valid is None else valid.to(device)
+            has = batch.get("has_sensor")
+            has = valid.any(dim=1) if has is None else has.to(device)
+        else:
+            sensor = torch.zeros(batch_size, enc.temporal_length, enc.input_channels, device=device)
+            valid = torch.zeros(batch_size, enc.temporal_length, dtype=torch.bool, device=device)
+            has = torch.zeros(batch_size, dtype=torch.bool, device=device)
+        if sensor.shape[0] != batch_size:
+            raise ValueError(f"batch sensor has {sensor.shape[0]} samples, the batch has {batch_size}")
+        x = self.normalizer.normalize_sensor(sensor, valid).to(self.head_dtype)
+        return enc(x, valid, has)
+
+    def forward(self, batch: dict) -> PolicyOutput:
+        """Predict normalized action chunks; with `actions` in the batch also the per-sample loss.
+
+        Ground-truth actions are only ever used for the loss, never as an input. Collective under
+        ZeRO-3: every rank calls it every step, and it runs every submodule (the sensor encoder
+        included) whatever the batch holds.
+        """
+        vl = self.encode_vl(batch)
+        dtype = self.head_dtype
+        vl = vl._replace(tokens=vl.tokens.to(dtype), pooled=vl.pooled.to(dtype))
+        b = vl.tokens.shape[0]
+        sensor = self.encode_sensor(batch, b) if self.sensor_encoder is not None else None
+        memory, mask = self.fusion(vl, sensor)
+        actions = self.expert(memory, mask)
+        if batch.get("actions") is None:
+            return PolicyOutput(actions)
+        raw = batch["actions"].to(actions.device)
+        if raw.shape != actions.shape:
+            raise ValueError(f"batch actions are {tuple(raw.shape)}, the model predicts {tuple(actions.shape)} "
+                             "(--horizon, --action-dim)")
+        target = self.normalizer.normalize_actions(raw)
+        step_mask = batch.get("action_mask")
+        step_mask = (torch.ones(raw.shape[:2], dtype=torch.bool, device=raw.device) if step_mask is None
+                     else step_mask.to(raw.device))
+        per_sample, valid = masked_action_loss(actions, target, step_mask, self.config.action_loss)
+        return PolicyOutput(actions, per_sample, target, valid)
+
+    @torch.no_grad()
+    def predict(self, text_inputs: list[str], image_inputs: list[list], sensor_data: torch.Tensor | None = None,
+                sensor_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Denormalized action chunks `(B, H, A)` (fp32, on CPU) for the robot.
+
+        `image_inputs[b]` is sample b's list of views (PIL images or file paths); `sensor_data` a raw
+        `(B, T, C)` window (all rows valid unless `sensor_mask` says otherwise) or None. Runs in eval
+        mode under no_grad, with bf16 autocast on CUDA.
+        """
+        if len(text_inputs) != len(image_inputs):
+            raise ValueError(f"predict: {len(text_inputs)} instructions but {len(image_inputs)} image lists")
+        batch = {"images": [list(v) for v in image_inputs], "instructions": list(text_inputs)}
+        if sensor_data is not None:
+            sensor_data = torch.as_tensor(sensor_data, dtype=torch.float32)
+            if sensor_data.dim() != 3 or sensor_data.shape[0] != len(text_inputs):
+                raise ValueError(f"predict: sensor_data must be (B={len(text_inputs)}, T, C), got "
+                                 f"{tuple(sensor_data.shape)}")
+            batch["sensor"] = sensor_data
+            if sensor_mask is not None:
+                batch["sensor_mask"] = torch.as_tensor(sensor_mask, dtype=torch.bool)
+        was_training = self.training
+        self.eval()
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
+                    else contextlib.nullcontext())
+        try:
+            with autocast:
+                out = self(batch)
+        finally:
+            self.train(was_training)
+        return self.normalizer.denormalize_actions(out.actions).cpu()
+
+    # ------------------------------------------------------------------------------ optimizer
+    def component_of(self, name: str) -> str:
+        """The optimizer group (expert | sensor | vl | vision) of a policy parameter name."""
+        if name.startswith(BACKBONE_PREFIX):
+            return backbone_component(name[len(BACKBONE_PREFIX):])
+        if name.startswith("sensor_encoder."):
+            return "sensor"
+        return "expert"  # fusion and action expert
+
+    def parameter_groups(self, weight_decay: float = 0.0) -> list[dict]:
+        """Trainable parameters as optimizer groups, each {"name", "component", "params", "weight_decay"}.
+
+        component is expert (fusion + action expert: --lr), sensor (--sensor-lr), vl (LoRA or
+        unfrozen LM blocks: --vl-lr) or vision (unfrozen vision blocks: --vision-lr); the trainer
+        attaches the learning rates. Biases, norm weights, embeddings and queries get no weight
+        decay ("<component>.no_decay" groups). Empty groups are left out.
+        """
+        buckets: dict[tuple[str, bool], list] = {}
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            decay = p.ndim >= 2 and not name.endswith(_NO_DECAY_SUFFIXES)
+            buckets.setdefault((self.component_of(name), decay), []).append(p)
+        groups = []
+        for component in COMPONENTS:
+            for decay in (True, False):
+                params = buckets.get((component, decay))
+                if params:
+                    groups.append({"name": component if decay else f"{component}.no_decay", "component": component,
+                                   "params": params, "weight_decay": weight_decay if decay else 0.0})
+        return groups
+
+    def parameter_counts(self) -> dict[str, float]:
+        """Millions of parameters: trainable_M, frozen_M and trainable per component (<component>_M)."""
+        counts = {"trainable_M": 0.0, "frozen_M": 0.0, **{f"{c}_M": 0.0 for c in COMPONENTS}}
+        for name, p in self.named_parameters():  # tied weights counted once
+            n = p.numel() / 1e6
+            if p.requires_grad:
+                counts["trainable_M"] += n
+                counts[f"{self.component_of(name)}_M"] += n
+            else:
+                counts["frozen_M"] += n
+        return counts
+
+    # ------------------------------------------------------------------------------ save / load
+    def saved_parameter_names(self) -> list[str]:
+        """What `save_pretrained` writes: all vla-ds-owned parameters (sensor encoder, fusion,
+        expert) plus the backbone parameters the finetune mode trains (LoRA adapters or unfrozen
+        blocks). Never the frozen backbone, never a second name of a tied tensor."""
+        owned = [n for n, _ in self.named_parameters() if not n.startswith("vl.")]
+        return owned + list(self.backbone_trained)
+
+    def save_pretrained(self, out_dir: str | os.PathLike, state_dict: dict | None = None) -> Path:
+        """Write config.json, model.safetensors and stats.json to `out_dir` (atomically).
+
+        `state_dict` (e.g. DeepSpeed's consolidated 16-bit state dict under ZeRO-3) replaces the
+        live parameters as the source of the tensors. Not collective: gather first, call on one rank.
+        """
+        from vla_ds.model.serialization import save_policy
+
+        return save_policy(self, out_dir, state_dict)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, backbone: str | os.PathLike | None = None,
+                        device: torch.device | str | None = None, load_backbone: bool = True) -> "QwenVLA":
+        """Rebuild a saved policy (in eval mode). `backbone` overrides the saved backbone path/id,
+        for a policy moved to a machine where the backbone lives elsewhere."""
+        from vla_ds.model.serialization import load_policy
+
+        return load_policy(cls, path, backbone=backbone, device=device, load_backbone=load_backbone)
