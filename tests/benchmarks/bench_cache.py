@@ -1,0 +1,160 @@
+"""VL feature cache: build throughput, and one training step in cache mode vs live-backbone mode
+with the same head (forward + backward + AdamW step). Writes a section of docs/performance.md.
+
+    .venv/bin/python -m tests.benchmarks.bench_cache [--sessions 6] [--seconds 10] [--steps 20]
+
+Live mode = what `--finetune-vl none --cache-policy off` does per step: decode the views' JPEGs,
+run the processor and the frozen tiny backbone, then the head. Cache mode = read the features by
+memory map, then the same head (built with `load_backbone=False`: no backbone weights at all).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from tests.benchmarks.report import machine, update_section
+from vla_ds.cache import build_cache
+from vla_ds.cache_store import CachedDataset, CacheReader
+from vla_ds.config import TrainConfig
+from vla_ds.data import synthetic
+from vla_ds.data.dataset import IntegratedDataset, collate
+from vla_ds.data.ingest import IngestOptions, preprocess
+from vla_ds.model.config import ModelConfig
+from vla_ds.model.policy import QwenVLA
+from vla_ds.model.tiny import write_tiny_model
+
+VIEWS = ["View1", "View5"]
+BACKBONE = dict(finetune_vl="none", head_dropout=0.1, max_pixels=224 * 224)
+# The cache removes the images and the backbone from a step; what is left is the head, so the
+# speed-up depends on its size: measured for three.
+HEADS = {
+    "small": dict(expert_hidden_dim=64, expert_num_layers=2, expert_num_heads=4),
+    "moderate": dict(expert_hidden_dim=256, expert_num_layers=4, expert_num_heads=8),
+    "default": {},
+}
+
+
+def build_data(root: Path, sessions: int, seconds: float) -> Path:
+    raw = root / "raw"
+    for k in range(sessions):
+        if k % 3 == 0:
+            synthetic.make_session_a(raw / "needle", seed=k, duration_s=seconds, frame_spacing_s=0.5,
+                                     image_size=(360, 480))
+        else:
+            synthetic.make_session_b(raw / "retina", seed=k, duration_s=seconds, frame_spacing_s=0.5,
+                                     image_size=(360, 480))
+    preprocess([str(raw)], root / "ds", IngestOptions(max_side=224), workers=2)
+    return root / "ds"
+
+
+def step_times(policy, batches, steps: int, make_batch) -> tuple[float, float]:
+    """Median seconds per step: (batch loading + model step, model step alone)."""
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-4)
+    full, model = [], []
+    for k in range(steps + 3):
+        t0 = time.perf_counter()
+        batch = make_batch(batches[k % len(batches)])
+        t1 = time.perf_counter()
+        loss = policy(batch).per_sample_loss.mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        t2 = time.perf_counter()
+        if k >= 3:  # warm-up steps are not the steady state
+            full.append(t2 - t0)
+            model.append(t2 - t1)
+    return statistics.median(full), statistics.median(model)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sessions", type=int, default=6)
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: stable figures on a shared machine)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        backbone = write_tiny_model(root / "tiny", seed=0)
+        ds_dir = build_data(root, args.sessions, args.seconds)
+        cfg = TrainConfig.from_flat({"backbone": str(backbone), **BACKBONE, "data": [str(ds_dir)], "views": VIEWS,
+                                     "batch_size": args.batch_size, "num_workers": 0})
+        builds = {}
+        for name, tokens, workers in (("pooled, in the main process", 0, 0),
+                                      ("pooled, 2 loader workers (decode + processor)", 0, 2),
+                                      ("pooled + 17 tokens, 2 loader workers", 17, 2)):
+            cfg.run.cache_dir = str(root / f"cache{tokens}-{workers}")
+            builds[name] = build_cache(cfg, cache_tokens=tokens, shard_size=256, num_workers=workers)
+        reader = CacheReader(root / "cache0-0")
+        live_ds = IntegratedDataset(ds_dir, views=VIEWS, load_sensor=False)
+        cache_ds = CachedDataset(IntegratedDataset(ds_dir, views=VIEWS, load_images=False, load_sensor=False), reader)
+        n = len(live_ds)
+        g = torch.Generator().manual_seed(0)
+        batches = [torch.randperm(n, generator=g)[: args.batch_size].tolist() for _ in range(8)]
+        rows = {}
+        for name, head in HEADS.items():
+            config = ModelConfig(backbone=str(backbone), **BACKBONE, **head)
+            torch.manual_seed(0)
+            live = QwenVLA(config, device="cpu", load_backbone=True)
+            cached = QwenVLA(config, device="cpu", load_backbone=False)
+            cached.load_state_dict({k: v for k, v in live.state_dict().items() if not k.startswith("vl.")})
+            label = (f"{name}: expert {config.expert_hidden_dim} × {config.expert_num_layers} layers, "
+                     f"{cached.parameter_counts()['trainable_M']:.1f} M parameters")
+            rows[label] = (step_times(live, batches, args.steps, lambda b: collate([live_ds[i] for i in b])),
+                          step_times(cached, batches, args.steps, lambda b: collate([cache_ds[i] for i in b])))
+        item = live_ds[0]
+        seq = int(live.vl.processor_inputs([item["images"]], [item["instruction"]])["input_ids"].shape[1])
+
+    load = os.getloadavg()[0]
+    lines = [
+        "## VL feature cache (`tests/benchmarks/bench_cache.py`)",
+        "",
+        f"Machine: {machine()}. Data: {args.sessions} synthetic sessions, {n} samples, views {' + '.join(VIEWS)} "
+        f"re-encoded at 224 px (longer side), `--max-pixels {224 * 224}` ({seq} tokens per sample with the "
+        "instruction). Backbone: the tiny Qwen2.5-VL (vla-ds tiny-model), fp32.",
+        "",
+        "| cache build (1 process) | samples/s | bytes/sample |",
+        "|---|---|---|",
+        *[f"| {k} | {v['samples_per_s']:.0f} | {v['bytes_per_sample']} |" for k, v in builds.items()],
+        "",
+        f"One training step, batch {args.batch_size} (fusion none; forward + backward + AdamW step), median of "
+        f"{args.steps} steps, `torch.set_num_threads({args.threads})`; the same head weights in both modes. "
+        "Step times include getting the batch from the dataset in the main process (the model step alone in "
+        "parentheses):",
+        "",
+        "| head | live backbone (`--cache-policy off`) | VL cache, pooled (`load_backbone=False`) | speed-up |",
+        "|---|---|---|---|",
+        *[f"| {name} | {live[0] * 1e3:.1f} ms ({live[1] * 1e3:.1f}) | {cache[0] * 1e3:.1f} ms ({cache[1] * 1e3:.1f}) "
+          f"| **{live[0] / cache[0]:.1f}×** |" for name, (live, cache) in rows.items()],
+        "",
+        "Live mode decodes 2 JPEGs per sample, resizes and normalizes them (processor) and runs the frozen "
+        "backbone under no_grad; the head then attends over all the sample's tokens. Cache mode reads one fp16 "
+        "row per sample from a memory map and the head attends over one pooled token: the step is the head's "
+        "forward, backward and optimizer step alone, so the speed-up is (images + backbone + head) / head. "
+        "With the tiny backbone the processor and JPEG decode are most of the removed cost, and the speed-up is "
+        "bounded by the head's own step: about 10× for a small head, about 3× for the moderate and default "
+        "ones (the issue's "
+        "20× goal is not reached on this CPU). With the real 3B backbone the removed forward is, by estimate, "
+        "~1.5 TFLOP per 2-view sample (vision tower 0.67 B parameters over 256 patches per 224-px view, language "
+        "model ~2.8 B over ~160 tokens) against ~0.2 GFLOP for the moderate head's forward + backward, so the "
+        f"speed-up there is orders of magnitude larger. Load average during the run: {load:.1f} on "
+        f"{os.cpu_count()} cores (other jobs shared the machine; times vary by ~±30 %).",
+    ]
+    md = "\n".join(lines)
+    print(md)
+    update_section("performance.md", "cache", md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""`vla-ds cache` / `python -m vla_ds.cache` and the training entry's `--mode cache`."""
+from __future__ import annotations
+
+import argparse
+import logging
+
+import numpy as np
+
+from tests.cache.conftest import cli_args
+from vla_ds.cache_store import CacheReader
+from vla_ds.commands import cache as cache_cmd
+
+
+def test_parser_has_training_and_cache_flags():
+    p = argparse.ArgumentParser()
+    cache_cmd.add_parser(p.add_subparsers(dest="command"), "cache")
+    args = p.parse_args(["cache", "--data", "d", "--max-pixels", "50176", "--cache-tokens", "9", "--skip-bad",
+                         "--cache-dtype", "float32", "--local_rank", "0"])
+    assert args.max_pixels == 50176 and args.cache_tokens == 9 and args.skip_bad and args.cache_dtype == "float32"
+    assert args.shard_size == 2048 and not args.verify and args.run is cache_cmd.run
+    assert not hasattr(p.parse_args(["cache", "--data", "d"]), "cache_tokens")  # decided at build time
+
+
+def test_build_verify_and_errors(tiny_model_dir, cache_data, tmp_path, caplog):
+    out = tmp_path / "cache"
+    with caplog.at_level(logging.INFO):
+        assert cache_cmd.main(cli_args(tiny_model_dir, cache_data, out)) == 0
+    assert "16/16 samples in 4 shards" in caplog.text and len(CacheReader(out)) == 16
+    assert cache_cmd.main(cli_args(tiny_model_dir, cache_data, out, "--verify", "--verify-samples", "4")) == 0
+    path = out / "shards" / "000000.pooled.npy"
+    np.save(path, np.load(path) * 2)
+    assert cache_cmd.main(cli_args(tiny_model_dir, cache_data, out, "--verify")) == 1
+    assert "differs from the cache" in caplog.text
+    caplog.clear()
+    assert cache_cmd.main(["--backbone", str(tiny_model_dir), "--cache-dir", str(out)]) == 2
+    assert "--data is required" in caplog.text
+    assert cache_cmd.main(cli_args(tiny_model_dir, cache_data, out, "--max-pixels", "50176")) == 2
+    assert "max_pixels (cache: 12544, now: 50176; --max-pixels)" in caplog.text
+
+
+def test_training_entry_mode_cache(tiny_model_dir, cache_data, tmp_path):
+    """The old trainer's launch line: `python -m vla_ds.train --mode cache ...` builds with the defaults."""
+    from vla_ds.train.entry import main
+
+    out = tmp_path / "runs" / "vla"
+    rc = main(["--mode", "cache", "--data", str(cache_data), "--backbone", str(tiny_model_dir), "--finetune-vl", "none",
+               "--output-dir", str(out), "--num-workers", "0", "--batch-size", "4"])
+    assert rc == 0
+    reader = CacheReader(tmp_path / "runs" / "vl_cache")  # the default: OUTPUT_DIR/../vl_cache
+    assert len(reader) == 16 and reader.num_tokens == 0 and len(reader.shards) == 1
+
+
+def test_demo_stage(tiny_model_dir, cache_data, tmp_path):
+    from vla_ds.cache import demo_stage
+
+    result = demo_stage(tiny_model_dir, cache_data, tmp_path / "vl_cache", ["View1", "View5"])
+    assert result["samples"] == 16 and result["tokens"] == 5 and result["verify"]["ok"]

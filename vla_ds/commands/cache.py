@@ -1,0 +1,105 @@
+"""`vla-ds cache [training flags] [cache flags]`: build (or --verify) the VL feature cache.
+
+Takes the training flags (the cache must match --backbone, --min-pixels/--max-pixels, --views,
+--vl-feature-layer, --dtype of the run that uses it) plus cache-only flags. Multi-process:
+`torchrun --nproc_per_node N -m vla_ds.cache ...` (or the training entry's `--mode cache`).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+log = logging.getLogger("vla_ds")
+
+
+def add_cache_flags(p: argparse.ArgumentParser) -> None:
+    from vla_ds.config import add_config_flags
+
+    add_config_flags(p)
+    g = p.add_argument_group("cache settings")
+    # default=SUPPRESS: "None" means "decided at build time", which the help text explains
+    g.add_argument("--cache-tokens", type=int, default=argparse.SUPPRESS, metavar="K",
+                   help="VL tokens stored per sample besides the pooled vector: each view's image tokens pooled on a "
+                   "grid + 1 text token (0 = pooled only; default: the existing cache's, else 0, or 1+8*views with "
+                   "--fusion-strategy cross_attention)")
+    g.add_argument("--shard-size", type=int, default=2048, metavar="N", help="samples per shard file")
+    g.add_argument("--cache-batch-size", type=int, default=argparse.SUPPRESS, metavar="N",
+                   help="samples per backbone forward (default: --batch-size)")
+    g.add_argument("--cache-dtype", choices=["float16", "float32"], default=argparse.SUPPRESS,
+                   help="storage dtype (default: the existing cache's, else float16)")
+    g.add_argument("--skip-bad", action="store_true",
+                   help="skip (and count) samples whose images cannot be read instead of stopping")
+    g.add_argument("--verify", action="store_true",
+                   help="do not build: re-encode random cached samples and check they match the cache")
+    g.add_argument("--verify-samples", type=int, default=64, metavar="N", help="samples re-encoded by --verify")
+
+
+def add_parser(sub, name: str) -> None:
+    from vla_ds.commands import HELP_FORMAT
+
+    p = sub.add_parser(
+        name,
+        help="encode every sample once with the frozen backbone (VL feature cache for --finetune-vl none)",
+        description="Build or resume the VL feature cache of all samples of --data in --cache-dir (default: "
+        "OUTPUT_DIR/../vl_cache), or check it with --verify. Multi-process: torchrun --nproc_per_node N "
+        "-m vla_ds.cache ... See docs/cache.md.",
+        formatter_class=HELP_FORMAT,
+    )
+    add_cache_flags(p)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Collective (the build): every launched process runs it."""
+    import torch.distributed as dist
+
+    from vla_ds.cache import build_cache, verify_cache
+    from vla_ds.config import config_from_args
+    from vla_ds.errors import UsageError
+    from vla_ds.utils.logging import rank
+
+    try:
+        cfg = config_from_args(args)
+    except (ValueError, TypeError) as e:
+        raise UsageError(str(e)) from None
+    try:
+        if args.verify:
+            if rank() != 0:  # one process checks; the others have nothing to do
+                return 0
+            result = verify_cache(cfg, args.verify_samples, seed=cfg.run.seed)
+            if not result["ok"]:
+                log.error("vla-ds cache --verify: sample %s differs from the cache by %.2e (relative; tolerance "
+                          "%.0e): rebuild the cache", result["worst_sample"], result["max_rel_error"],
+                          result["tolerance"])
+                return 1
+            return 0
+        build_cache(cfg, cache_tokens=getattr(args, "cache_tokens", None), shard_size=args.shard_size,
+                    skip_bad=args.skip_bad, cache_dtype=getattr(args, "cache_dtype", None),
+                    batch_size=getattr(args, "cache_batch_size", None))
+        return 0
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m vla_ds.cache` (e.g. under torchrun): the same flags as `vla-ds cache`."""
+    from vla_ds.commands import HELP_FORMAT
+    from vla_ds.errors import UsageError
+    from vla_ds.utils.logging import setup_logging
+
+    p = argparse.ArgumentParser(prog="python -m vla_ds.cache", description=__doc__, formatter_class=HELP_FORMAT)
+    add_cache_flags(p)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging with timestamps and ranks")
+    args = p.parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        return run(args)
+    except UsageError as e:
+        log.error("vla-ds cache: %s", e)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
