@@ -22,6 +22,8 @@ SUBCOMMANDS = {
     "tiny-model": "vla_ds.commands.tiny_model",
     "preprocess": "vla_ds.commands.preprocess",
     "stats": "vla_ds.commands.stats",
+    "train": "vla_ds.commands.train",
+    "plot": "vla_ds.commands.plot",
 }
 
 

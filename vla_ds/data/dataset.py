@@ -80,6 +80,7 @@ class IntegratedDataset(Dataset):
         sensor_channels: int | None = None,
         load_images: bool = True,
         episode_ids: list[str] | set[str] | None = None,
+        load_sensor: bool = True,
     ):
         if horizon < 1 or sensor_length < 1:
             raise ValueError("horizon and sensor_length must be >= 1")
@@ -96,6 +97,9 @@ class IntegratedDataset(Dataset):
             raise ValueError(f"--data {' '.join(map(str, paths))}: no episodes selected")
         self.episodes = episodes
         self.horizon, self.sensor_length, self.load_images = horizon, sensor_length, load_images
+        # load_sensor=False (a policy without --sensor-enabled): items keep has_sensor but carry no
+        # sensor tensors, which saves reading and moving 2.7 MB per sample
+        self.load_sensor = load_sensor
         self.view_names = _resolve_views(episodes, views)
         self.num_views = views if isinstance(views, int) else len(self.view_names)
         channels = {ep.meta.sensor["channels"] for ep in episodes if ep.meta.has_sensor}
@@ -199,17 +203,17 @@ class IntegratedDataset(Dataset):
             raise IndexError(i)
         ep = self.episodes[self._ep[i]]
         actions, action_mask = self.actions(i)
-        sensor, sensor_mask, has_sensor = self.sensor_window(i)
         item = {
             "instruction": ep.meta.instruction,
             "actions": torch.from_numpy(actions),
             "action_mask": torch.from_numpy(action_mask),
-            "sensor": torch.from_numpy(sensor),
-            "sensor_mask": torch.from_numpy(sensor_mask),
-            "has_sensor": has_sensor,
+            "has_sensor": bool(self.sample_has_sensor[i]),
             "sample_id": self.sample_id(i),
             "episode_id": ep.meta.episode_id,
         }
+        if self.load_sensor:
+            sensor, sensor_mask, _ = self.sensor_window(i)
+            item["sensor"], item["sensor_mask"] = torch.from_numpy(sensor), torch.from_numpy(sensor_mask)
         if self.load_images:
             item["images"] = self.images(i)
         return item
@@ -224,7 +228,8 @@ def collate(samples: list[dict]) -> dict:
     """
     from torch.utils.data import default_collate
 
-    batch = {k: default_collate([s[k] for s in samples]) for k in ("actions", "action_mask", "sensor", "sensor_mask")}
+    keys = [k for k in ("actions", "action_mask", "sensor", "sensor_mask") if k in samples[0]]
+    batch = {k: default_collate([s[k] for s in samples]) for k in keys}
     batch.update({
         "instructions": [s["instruction"] for s in samples],
         "has_sensor": torch.tensor([bool(s["has_sensor"]) for s in samples]),
@@ -233,4 +238,7 @@ def collate(samples: list[dict]) -> dict:
     })
     if "images" in samples[0]:
         batch["images"] = [s["images"] for s in samples]
+    for key in ("vl_pooled", "vl_tokens", "vl_tokens_mask"):  # VL cache features (cache mode)
+        if key in samples[0]:
+            batch[key] = default_collate([s[key] for s in samples])
     return batch

@@ -24,8 +24,11 @@ def setup_logging(verbose: bool = False) -> None:
     root = logging.getLogger()
     root.handlers[:] = [h for h in root.handlers if not getattr(h, "_vla_ds", False)] + [handler]
     root.setLevel(level)
-    for noisy in ("transformers", "deepspeed", "DeepSpeed", "torch.distributed", "bitsandbytes", "urllib3"):
+    for noisy in ("transformers", "deepspeed", "DeepSpeed", "torch.distributed", "urllib3"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    # bitsandbytes warns at import that an optional CPU 4-bit kernel package is absent; we never use it
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     # Weight-loading progress bars for a tiny model are noise in every log.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:

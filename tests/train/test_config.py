@@ -1,0 +1,98 @@
+"""One typed config: old trainer flags and defaults, YAML + flag precedence, validation, ds configs."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vla_ds.config import TrainConfig, config_from_args, field_owners, save_config, load_yaml
+from vla_ds.errors import UsageError
+from vla_ds.train.ds_config import load_ds_config, resolve_ds_config
+from vla_ds.train.entry import build_parser
+
+OLD_DEFAULTS = {
+    "lr": 1e-4, "min_lr": 1e-6, "warmup_ratio": 0.03, "hold_ratio": 0.02, "grad_accum_steps": 8, "sched_on": "step",
+    "batch_size": 1, "num_workers": 4, "finetune_vl": "lora", "vl_lr": 1e-5, "vision_lr": 5e-6, "lora_r": 16,
+    "lora_alpha": 32, "lora_dropout": 0.05, "unfreeze_last_n": 2, "sensor_enabled": False,
+    "sensor_input_channels": 1026, "sensor_temporal_length": 650, "sensor_output_dim": 3072,
+    "fusion_strategy": "concat", "sensor_lr": 5e-4, "sensor_loss_weight": 2.0,
+}
+
+
+def _parse(argv):
+    return config_from_args(build_parser(require_mode=True).parse_args(argv))
+
+
+def test_old_trainer_command_line_parses_with_old_defaults():
+    cfg = _parse(["--mode", "train", "--data", "d", "--local_rank=0"])
+    flat = cfg.flat()
+    for k, v in OLD_DEFAULTS.items():
+        assert flat[k] == v, k
+    cfg = _parse(["--mode", "train", "--data", "d", "--sensor-enabled", "--fusion-strategy", "gated",
+                  "--sensor-loss-weight", "5", "--deepspeed_config", "ds_configs/zero3.json", "--loss", "l1"])
+    assert cfg.model.sensor_enabled and cfg.model.fusion_strategy == "gated"
+    assert cfg.run.ds_config == "ds_configs/zero3.json" and cfg.model.action_loss == "l1"
+
+
+def test_mode_is_required_like_the_old_trainer(capsys):
+    with pytest.raises(SystemExit):
+        build_parser(require_mode=True).parse_args(["--data", "d"])
+    assert "--mode" in capsys.readouterr().err
+
+
+def test_yaml_then_flags_override(tmp_path):
+    y = tmp_path / "run.yaml"
+    y.write_text("model:\n  finetune_vl: none\n  lora_r: 8\noptim:\n  lr: 0.002\nbatch-size: 4\ndata: [a, b]\n")
+    cfg = _parse(["--mode", "train", "--config", str(y), "--lr", "0.003"])
+    assert cfg.model.finetune_vl == "none" and cfg.model.lora_r == 8 and cfg.data.batch_size == 4
+    assert cfg.optim.lr == 0.003 and cfg.data.data == ["a", "b"]
+    # the saved config reads back to the same settings
+    save_config(cfg, tmp_path / "saved.yaml")
+    assert TrainConfig.from_flat(load_yaml(tmp_path / "saved.yaml")) == cfg
+    y.write_text("lr: 0.1\ntypo_setting: 3\n")
+    with pytest.raises(ValueError, match="typo_setting"):
+        _parse(["--mode", "train", "--data", "d", "--config", str(y)])
+
+
+def test_field_names_are_unique_and_validation_names_the_flag():
+    assert len(field_owners()) > 40
+    with pytest.raises(ValueError, match="--warmup-ratio"):
+        _parse(["--mode", "train", "--data", "d", "--warmup-ratio", "0.9", "--hold-ratio", "0.5"])
+    with pytest.raises(ValueError, match="--load-in-8bit requires --finetune-vl lora"):
+        _parse(["--mode", "train", "--data", "d", "--load-in-8bit", "--finetune-vl", "full"])
+    with pytest.raises(ValueError, match="--data is required"):
+        _parse(["--mode", "train"])
+    # --vision-lr > 0 in full mode trains the vision tower's last blocks
+    assert _parse(["--mode", "train", "--data", "d", "--finetune-vl", "full"]).model.train_vision_blocks == 2
+    assert _parse(["--mode", "train", "--data", "d", "--finetune-vl", "full", "--vision-lr", "0"]).model.train_vision_blocks == 0
+
+
+@pytest.mark.parametrize("name", ["zero2", "zero2_offload", "zero3", "zero3_offload"])
+def test_presets_resolve_every_auto(repo_root, name):
+    raw = load_ds_config(repo_root / "ds_configs" / f"{name}.json")
+    cfg = resolve_ds_config(raw, micro_batch=2, grad_accum=4, world_size=3, grad_clip=1.0, lr=1e-4,
+                            weight_decay=0.01, hidden_size=64, bf16=False)
+    assert cfg["train_batch_size"] == 24 and cfg["train_micro_batch_size_per_gpu"] == 2
+    assert cfg["gradient_accumulation_steps"] == 4 and cfg["gradient_clipping"] == 1.0
+    assert cfg["bf16"]["enabled"] is False and cfg["optimizer"]["params"]["lr"] == 1e-4
+    assert "auto" not in json.dumps(cfg)
+    assert raw["train_batch_size"] == "auto", "the loaded file is not modified"
+
+
+def test_ds_config_errors(tmp_path):
+    p = tmp_path / "ds.json"
+    p.write_text(json.dumps({"train_batch_size": 16, "zero_optimisation": {"stage": 2}}))
+    with pytest.raises(UsageError, match="zero_optimisation"):
+        load_ds_config(p)
+    with pytest.raises(UsageError, match="no such file"):
+        load_ds_config(tmp_path / "missing.json")
+    p.write_text(json.dumps({"train_batch_size": 16, "_launch": "deepspeed ...", "zero_optimization": {"stage": 2}}))
+    raw = load_ds_config(p)
+    assert "_launch" not in raw
+    with pytest.raises(UsageError, match="micro batch 1 x accumulation 8 x world size 2 = 16") as e:
+        resolve_ds_config({"train_batch_size": 32}, micro_batch=1, grad_accum=8, world_size=2, grad_clip=1,
+                          lr=1e-4, weight_decay=0.0)
+    assert "\n" not in str(e.value)
+    with pytest.raises(UsageError, match="--grad-accum-steps"):
+        resolve_ds_config({"gradient_accumulation_steps": 2}, micro_batch=1, grad_accum=8, world_size=1,
+                          grad_clip=1, lr=1e-4, weight_decay=0.0)

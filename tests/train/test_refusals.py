@@ -1,0 +1,87 @@
+"""Every combination that cannot work is refused in one line before any model loads."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from tests.train.conftest import SMALL, run_training
+from vla_ds.config import TrainConfig
+from vla_ds.errors import UsageError
+from vla_ds.train.ds_config import load_ds_config
+from vla_ds.train.engine import check_combination
+
+
+def _cfg(**model):
+    return TrainConfig.from_flat({"data": ["d"], **model})
+
+
+@pytest.mark.parametrize(
+    "preset, settings, message",
+    [
+        ("zero3_offload", {"finetune_vl": "lora", "load_in_8bit": True}, "parameter offload"),
+        ("zero3", {"finetune_vl": "lora", "load_in_8bit": True}, "ZeRO-3"),
+        ("zero2", {"finetune_vl": "lora", "cache_policy": "require"}, "stale"),
+    ],
+)
+def test_refused_with_a_preset(repo_root, preset, settings, message):
+    ds = load_ds_config(repo_root / "ds_configs" / f"{preset}.json")
+    with pytest.raises(UsageError, match=message) as e:
+        check_combination(_cfg(**settings), ds)
+    assert "\n" not in str(e.value)
+
+
+def test_offload_without_a_deepspeed_optimizer_is_refused(tmp_path):
+    cfg = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
+    with pytest.raises(UsageError, match="optimizer"):
+        check_combination(_cfg(), cfg)
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"load_in_8bit": True, "finetune_vl": "none"}, "--load-in-8bit requires --finetune-vl lora"),
+        ({"load_in_8bit": True, "finetune_vl": "full"}, "--load-in-8bit requires --finetune-vl lora"),
+        ({"sensor_enabled": True, "fusion_strategy": "none"}, "--fusion-strategy none"),
+        ({"finetune_vl": "full", "unfreeze_last_n": 0}, "--unfreeze-last-n"),
+        ({"warmup_ratio": 0.7, "hold_ratio": 0.5}, "--warmup-ratio"),
+        ({"sensor_sample_ratio": 1.5}, "--sensor-sample-ratio"),
+    ],
+)
+def test_refused_by_the_config(settings, message):
+    with pytest.raises(ValueError, match=message):
+        _cfg(**settings)
+
+
+@pytest.mark.slow
+def test_refusal_happens_before_the_model_loads(tmp_path, train_data, repo_root, capfd):
+    """8-bit + zero3_offload through the real entry: exit code 2, one line, in seconds, no run dir."""
+    t0 = time.perf_counter()
+    proc, _ = run_training(["--data", str(train_data), "--backbone", str(tmp_path / "no-such-backbone"),
+                            "--output-dir", str(tmp_path / "run"), "--load-in-8bit",
+                            "--ds-config", str(repo_root / "ds_configs/zero3_offload.json"), *SMALL],
+                           nproc=1, expect_ok=False)
+    assert proc.returncode != 0
+    lines = [l for l in proc.stderr.splitlines() if "vla-ds train:" in l]
+    assert len(lines) == 1 and "--load-in-8bit" in lines[0] and "parameter offload" in lines[0]
+    # torchrun prints its own ChildFailedError traceback; vla-ds itself raised none
+    assert not [l for l in proc.stderr.splitlines() if l.strip().startswith("File") and "vla_ds" in l]
+    assert "resolved config" not in proc.stderr, "refused before the run even starts"
+    assert not (tmp_path / "run").exists()
+    assert time.perf_counter() - t0 < 60
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_every_rank_with_step_and_samples(tmp_path, train_data, tiny_model_dir):
+    stats = json.loads((train_data / "stats.json").read_text())
+    stats["action_mean"][0] = float("nan")  # every normalized target becomes NaN
+    bad = tmp_path / "stats.json"
+    bad.write_text(json.dumps(stats))
+    proc, _ = run_training(["--data", str(train_data), "--backbone", str(tiny_model_dir), "--stats", str(bad),
+                            "--output-dir", str(tmp_path / "run"), "--max-steps", "3", "--batch-size", "1",
+                            "--grad-accum-steps", "1", "--finetune-vl", "none", "--cache-policy", "off", *SMALL],
+                           expect_ok=False, timeout=300)
+    assert proc.returncode != 0
+    assert "non-finite loss at step 0" in proc.stderr
+    assert "samples ['" in proc.stderr

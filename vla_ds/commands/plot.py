@@ -1,0 +1,31 @@
+"""`vla-ds plot RUN_DIR`: render loss and lr curves to PNG."""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from vla_ds.commands import HELP_FORMAT
+from vla_ds.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+
+def add_parser(sub, name: str) -> None:
+    p = sub.add_parser(name, help="plot a run's loss and learning-rate curves to PNG",
+                       description="Read RUN_DIR/metrics.jsonl and write loss and lr curves as a PNG.",
+                       formatter_class=HELP_FORMAT)
+    p.add_argument("run_dir", metavar="RUN_DIR", type=Path, help="a training run directory (--output-dir)")
+    p.add_argument("--out", type=Path, default=None, help="PNG path (default: RUN_DIR/curves.png)")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from vla_ds.plot import plot_run
+
+    try:
+        out = plot_run(args.run_dir, args.out)
+    except FileNotFoundError as e:
+        raise UsageError(str(e)) from None
+    log.info("curves written to %s", out)
+    return 0

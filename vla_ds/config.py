@@ -1,0 +1,260 @@
+"""One typed configuration for a run: dataclasses <-> command-line flags <-> YAML.
+
+`TrainConfig` groups `ModelConfig` (vla_ds/model/config.py), `DataConfig`, `OptimConfig` and
+`RunConfig`. Every field is a flag named after it (`grad_accum_steps` <-> `--grad-accum-steps`),
+field names are unique across the groups, and the old trainer's flags keep their names and
+defaults. `--config run.yaml` reads the same fields (flat, or nested under model/data/optim/run);
+flags given on the command line override the file. The resolved config is printed at start and
+saved as `config.yaml` in the run directory.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from vla_ds.model.config import ModelConfig
+
+SCHED_ON = ("step", "epoch")
+WANDB_MODES = ("online", "offline", "disabled", "auto")
+CACHE_POLICIES = ("auto", "require", "off")
+MODES = ("train", "cache")
+
+
+def _f(default, help: str, **extra):
+    """A dataclass field with its --help text (and optional argparse extras) as metadata."""
+    meta = {"help": help, **extra}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class DataConfig:
+    data: list[str] = _f([], "dataset directories, episode directories or globs (vla-ds preprocess output)", nargs="+")
+    views: list[str] | None = _f(None, "camera views per sample (default: the views every episode has)", nargs="+")
+    stats: str | None = _f(None, "normalization stats JSON (default: stats.json of the first --data dir)")
+    val_ratio: float = _f(0.05, "share of episodes held out for validation (split by episode)")
+    sensor_sample_ratio: float | None = _f(None, "target share of sensor samples per epoch (balanced sampler); none = natural share")
+    batch_size: int = _f(1, "micro batch per GPU/process")
+    num_workers: int = _f(4, "DataLoader workers per process")
+
+    def __post_init__(self):
+        if not 0 <= self.val_ratio < 1:
+            raise ValueError("--val-ratio must be in [0, 1)")
+        if self.sensor_sample_ratio is not None and not 0 <= self.sensor_sample_ratio <= 1:
+            raise ValueError("--sensor-sample-ratio must be in [0, 1]")
+        if self.batch_size < 1:
+            raise ValueError("--batch-size must be >= 1")
+        if self.num_workers < 0:
+            raise ValueError("--num-workers must be >= 0")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _f(1e-4, "learning rate of the action expert and fusion")
+    sensor_lr: float = _f(5e-4, "learning rate of the sensor encoder")
+    vl_lr: float = _f(1e-5, "learning rate of the backbone's LoRA / unfrozen LM blocks")
+    vision_lr: float = _f(5e-6, "learning rate of the vision tower's unfrozen blocks (--finetune-vl full; 0 keeps it frozen)")
+    min_lr: float = _f(1e-6, "floor of the cosine decay (scaled per group relative to --lr)")
+    warmup_ratio: float = _f(0.03, "share of steps with linear warm-up")
+    hold_ratio: float = _f(0.02, "share of steps held at the peak after warm-up")
+    sched_on: str = _f("step", "advance the schedule every optimizer step or once per epoch", choices=SCHED_ON)
+    weight_decay: float = _f(0.01, "AdamW weight decay (never on biases and norms)")
+    grad_accum_steps: int = _f(8, "micro batches per optimizer step")
+    grad_clip: float = _f(1.0, "gradient norm clipping (0 = off)")
+    epochs: int = _f(1, "passes over the training data (ignored when --max-steps is set)")
+    max_steps: int | None = _f(None, "stop after this many optimizer steps")
+    sensor_loss_weight: float = _f(2.0, "loss weight of samples that carry a sensor reading")
+
+    def __post_init__(self):
+        if self.sched_on not in SCHED_ON:
+            raise ValueError(f"--sched-on must be one of {'|'.join(SCHED_ON)}")
+        for name in ("lr", "sensor_lr", "vl_lr", "vision_lr", "min_lr", "weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
+        if not (0 <= self.warmup_ratio <= 1 and 0 <= self.hold_ratio <= 1 and self.warmup_ratio + self.hold_ratio <= 1):
+            raise ValueError("--warmup-ratio and --hold-ratio must be in [0, 1] and sum to at most 1")
+        if self.grad_accum_steps < 1 or self.epochs < 1:
+            raise ValueError("--grad-accum-steps and --epochs must be >= 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError("--max-steps must be >= 1")
+        if self.sensor_loss_weight <= 0:
+            raise ValueError("--sensor-loss-weight must be > 0")
+
+
+@dataclass
+class RunConfig:
+    mode: str = _f("train", "train the policy, or build the VL feature cache", choices=MODES)
+    output_dir: str = _f("runs/vla", "run directory (checkpoints, metrics, config)")
+    ds_config: str = _f("ds_configs/zero2.json", "DeepSpeed config JSON ('auto' values are resolved from these flags)")
+    seed: int = _f(42, "seed for weights, sampling and dropout")
+    wandb_mode: str = _f("auto", "wandb: online, offline, disabled, or auto (online with an API key, else offline)", choices=WANDB_MODES)
+    wandb_project: str = _f("vla-ds", "wandb project")
+    log_every: int = _f(10, "optimizer steps between metric logs")
+    val_every: int = _f(0, "optimizer steps between validations (0 = at each epoch end)")
+    init_from: str | None = _f(None, "stage-1 checkpoint/policy dir to load weights from (fresh optimizer)")
+    cache_dir: str | None = _f(None, "VL feature cache directory (default: OUTPUT_DIR/../vl_cache)")
+    cache_policy: str = _f("auto", "use the VL cache: auto (when valid), require, off", choices=CACHE_POLICIES)
+
+    def __post_init__(self):
+        if self.log_every < 1 or self.val_every < 0:
+            raise ValueError("--log-every must be >= 1 and --val-every >= 0")
+
+
+# Flags the old trainer or the launchers spell differently from the field name.
+ALIASES = {"ds_config": ["--deepspeed_config", "--deepspeed-config"], "action_loss": ["--loss"]}
+MODEL_HELP = {
+    "backbone": "Qwen2.5-VL model directory or hub id",
+    "finetune_vl": "backbone training: none (frozen), lora, full (last --unfreeze-last-n LM blocks)",
+    "lora_targets": "comma-separated LM linear layers for LoRA, or all-linear",
+    "unfreeze_last_n": "LM blocks trained with --finetune-vl full",
+    "train_vision_blocks": "vision blocks trained with --finetune-vl full (set automatically to 2 when --vision-lr > 0)",
+    "load_in_8bit": "load the backbone's language model in 8 bit (bitsandbytes); requires --finetune-vl lora",
+    "gradient_checkpointing": "recompute backbone activations in backward (default: on when the backbone trains)",
+    "sensor_enabled": "use the OCT/FPI sensor (off: the sensor is ignored even when present)",
+    "sensor_output_dim": "width of the sensor tokens",
+    "fusion_strategy": "how VL and sensor features meet",
+    "action_loss": "regression loss on normalized actions",
+    "min_pixels": "lower bound of image pixels (vision tokens scale with pixels/784)",
+    "max_pixels": "upper bound of image pixels",
+}
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    GROUPS: typing.ClassVar[dict] = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "run": RunConfig}
+
+    def __post_init__(self):
+        # --vision-lr > 0 trains the vision tower's last blocks in full mode (the old behaviour)
+        if self.model.finetune_vl == "full" and self.optim.vision_lr > 0 and not self.model.train_vision_blocks:
+            self.model = dataclasses.replace(self.model, train_vision_blocks=2)
+        if self.run.mode == "train" and not self.data.data:
+            raise ValueError("--data is required: give the dataset directories written by `vla-ds preprocess`")
+
+    def to_dict(self) -> dict:
+        return {name: dataclasses.asdict(getattr(self, name)) for name in self.GROUPS}
+
+    @classmethod
+    def from_flat(cls, values: dict) -> "TrainConfig":
+        """Build from {field name: value} over all groups (unknown names are an error)."""
+        owner = field_owners()
+        unknown = sorted(set(values) - set(owner))
+        if unknown:
+            raise ValueError(f"unknown setting(s) {', '.join(unknown)}")
+        parts = {g: {k: v for k, v in values.items() if owner[k] == g} for g in cls.GROUPS}
+        return cls(**{g: cls.GROUPS[g](**kw) for g, kw in parts.items()})
+
+    def flat(self) -> dict:
+        return {k: v for group in self.to_dict().values() for k, v in group.items()}
+
+
+def field_owners() -> dict[str, str]:
+    owners: dict[str, str] = {}
+    for group, dc in TrainConfig.GROUPS.items():
+        for f in fields(dc):
+            if f.name in owners:  # pragma: no cover - guarded by a test
+                raise AssertionError(f"field {f.name} defined in both {owners[f.name]} and {group}")
+            owners[f.name] = group
+    return owners
+
+
+def _arg_type(tp):
+    """(argparse type, nargs-list?) for a dataclass field annotation."""
+    origin = typing.get_origin(tp)
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and args:
+        return _arg_type(args[0])
+    if origin is list:
+        return args[0] if args else str, True
+    return tp, False
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field, defaults shown in --help, parsed values SUPPRESSed when
+    absent so that a YAML file can fill them and explicit flags override it."""
+    parser.add_argument("--config", default=None, help="YAML file with any of these settings (flags override it)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    hints = {}
+    for dc in TrainConfig.GROUPS.values():
+        hints.update(typing.get_type_hints(dc))
+    for group, dc in TrainConfig.GROUPS.items():
+        grp = parser.add_argument_group(f"{group} settings")
+        defaults = dc.__new__(dc)  # defaults without running __post_init__ validation
+        for f in fields(dc):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            setattr(defaults, f.name, default)
+            flag = "--" + f.name.replace("_", "-")
+            names = [flag] + ALIASES.get(f.name, [])
+            help_text = f.metadata.get("help") or MODEL_HELP.get(f.name, f.name.replace("_", " "))
+            help_text = f"{help_text} (default: {default})"
+            tp, is_list = _arg_type(hints[f.name])
+            kw = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+            if tp is bool:
+                kw["action"] = argparse.BooleanOptionalAction if default is not False else "store_true"
+                if default is False:
+                    grp.add_argument(*names, **kw)
+                    continue
+            else:
+                kw["type"] = tp
+                kw["metavar"] = f.name.upper()
+                if is_list:
+                    kw["nargs"] = f.metadata.get("nargs", "+")
+                if "choices" in f.metadata:
+                    kw["choices"] = f.metadata["choices"]
+                elif f.name in ("finetune_vl", "fusion_strategy", "action_loss", "attn_implementation", "dtype"):
+                    from vla_ds.model import config as mc
+
+                    kw["choices"] = {
+                        "finetune_vl": mc.FINETUNE_MODES,
+                        "fusion_strategy": mc.FUSION_STRATEGIES,
+                        "action_loss": mc.ACTION_LOSSES,
+                        "attn_implementation": mc.ATTN_IMPLEMENTATIONS,
+                        "dtype": mc.DTYPES,
+                    }[f.name]
+                if "choices" in kw:
+                    kw.pop("metavar")
+            grp.add_argument(*names, **kw)
+
+
+def load_yaml(path: str | Path) -> dict:
+    """Flat {field: value} from a YAML file (flat keys or nested under model/data/optim/run)."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ValueError(f"--config {path}: unreadable ({e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"--config {path}: expected a mapping of settings")
+    flat: dict = {}
+    for k, v in raw.items():
+        if k in TrainConfig.GROUPS and isinstance(v, dict):
+            flat.update(v)
+        else:
+            flat[k.replace("-", "_")] = v
+    return flat
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Defaults <- YAML (--config) <- explicit flags, validated into a TrainConfig."""
+    values = load_yaml(args.config) if getattr(args, "config", None) else {}
+    owners = field_owners()
+    values.update({k: v for k, v in vars(args).items() if k in owners})
+    return TrainConfig.from_flat(values)
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> None:
+    import yaml
+
+    from vla_ds.utils.io import atomic_file
+
+    with atomic_file(path) as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)

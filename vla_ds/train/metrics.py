@@ -1,0 +1,101 @@
+"""Metrics: wandb (the old trainer's names) and the same rows in RUN_DIR/metrics.jsonl.
+
+Only rank 0 writes. wandb is imported only when it is used (`--wandb-mode disabled` needs no
+wandb at all). `--wandb-mode auto` logs online when an API key is configured (WANDB_API_KEY or a
+netrc entry for api.wandb.ai) and offline otherwise, so a run on an air-gapped node never hangs.
+The wandb run id is kept in the checkpoint so a resumed run continues the same wandb run.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import netrc
+import os
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+METRICS_FILE = "metrics.jsonl"
+
+
+def resolve_wandb_mode(mode: str) -> str:
+    if mode != "auto":
+        return mode
+    if os.environ.get("WANDB_MODE") in ("online", "offline", "disabled"):
+        return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    try:
+        if netrc.netrc().authenticators("api.wandb.ai"):
+            return "online"
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        pass
+    return "offline"
+
+
+def new_run_id() -> str:
+    import secrets
+
+    return secrets.token_hex(4)
+
+
+class MetricsLogger:
+    """Rank-0 sink for metric rows: JSONL always, wandb unless disabled."""
+
+    def __init__(self, run_dir: str | os.PathLike, config: dict, *, rank: int, wandb_mode: str = "auto",
+                 project: str = "vla-ds", run_id: str | None = None, name: str | None = None):
+        self.rank = rank
+        self.run_dir = Path(run_dir)
+        self.run_id = run_id or new_run_id()
+        self.mode = resolve_wandb_mode(wandb_mode)
+        self._wandb = None
+        self._file = None
+        if rank != 0:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.run_dir / METRICS_FILE, "a", buffering=1)
+        if self.mode != "disabled":
+            import wandb
+
+            os.environ.setdefault("WANDB_DIR", str(self.run_dir))
+            os.environ.setdefault("WANDB_SILENT", "true")
+            self._wandb = wandb.init(project=project, id=self.run_id, resume="allow", mode=self.mode,
+                                     dir=str(self.run_dir), config=config, name=name or self.run_dir.name)
+            log.info("wandb %s run %s (%s)", self.mode, self.run_id, self.run_dir / "wandb")
+
+    def log(self, metrics: dict, step: int) -> None:
+        if self.rank != 0:
+            return
+        clean = {k: (float(v) if hasattr(v, "__float__") else v) for k, v in metrics.items()}
+        row = {"step": int(step), "time": time.time(), **{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in clean.items()}}
+        self._file.write(json.dumps(row) + "\n")
+        if self._wandb is not None:
+            self._wandb.log(clean, step=int(step))
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{run_dir}: no {METRICS_FILE}; is it a vla-ds run directory?")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def system_metrics() -> dict:
+    import psutil
+    import torch
+
+    out = {"system/cpu_mem_%": psutil.virtual_memory().percent}
+    if torch.cuda.is_available():
+        out["system/gpu_mem_GB"] = torch.cuda.max_memory_allocated() / 2**30
+    else:
+        out["system/gpu_mem_GB"] = 0.0
+    return out
