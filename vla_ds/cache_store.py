@@ -8,7 +8,7 @@ CACHE_DIR/
   manifest.json          sample id -> (shard, row), per-episode key, bad samples; rewritten by rank 0
                          at the end of each build from the shard commits
   shards/NNNNNN.pooled.npy       (n, D)    float16 (or float32)
-  shards/NNNNNN.tokens.npy       (n, K, D) only with --cache-tokens K > 0
+  shards/NNNNNN.tokens.npy       (n, K, D) only for --vl-tokens K > 0
   shards/NNNNNN.tokens_mask.npy  (n, K)    bool
   shards/NNNNNN.json     the shard's commit: its rows' sample ids, episode keys, bad samples.
                          Written (atomically) after its arrays, so a shard without it is unfinished

@@ -3,13 +3,15 @@ with the same head (forward + backward + AdamW step). Writes a section of docs/p
 
     .venv/bin/python -m tests.benchmarks.bench_cache [--sessions 6] [--seconds 10] [--steps 20]
 
-Live mode = what `--finetune-vl none --cache-policy off` does per step: decode the views' JPEGs,
-run the processor and the frozen tiny backbone, then the head. Cache mode = read the features by
-memory map, then the same head (built with `load_backbone=False`: no backbone weights at all).
+Live mode = what `--finetune-vl none --vl-tokens 0 --cache-policy off` does per step: decode the
+views' JPEGs, run the processor and the frozen tiny backbone, pool its tokens, then the head. Cache
+mode = read the features by memory map, then the same head (built with `load_backbone=False`: no
+backbone weights at all).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import statistics
@@ -91,11 +93,13 @@ def main(argv=None) -> None:
         cfg = TrainConfig.from_flat({"backbone": str(backbone), **BACKBONE, "data": [str(ds_dir)], "views": VIEWS,
                                      "batch_size": args.batch_size, "num_workers": 0})
         builds = {}
-        for name, tokens, workers in (("pooled, in the main process", 0, 0),
+        for name, tokens, workers in (("pooled (`--vl-tokens 0`), in the main process", 0, 0),
                                       ("pooled, 2 loader workers (decode + processor)", 0, 2),
-                                      ("pooled + 17 tokens, 2 loader workers", 17, 2)):
+                                      ("pooled + 17 tokens (`--vl-tokens 17`, the frozen default), 2 loader workers",
+                                       17, 2)):
             cfg.run.cache_dir = str(root / f"cache{tokens}-{workers}")
-            builds[name] = build_cache(cfg, cache_tokens=tokens, shard_size=256, num_workers=workers)
+            cfg.model = dataclasses.replace(cfg.model, vl_tokens=tokens)  # K is the model's --vl-tokens
+            builds[name] = build_cache(cfg, shard_size=256, num_workers=workers)
         reader = CacheReader(root / "cache0-0")
         live_ds = IntegratedDataset(ds_dir, views=VIEWS, load_sensor=False)
         cache_ds = CachedDataset(IntegratedDataset(ds_dir, views=VIEWS, load_images=False, load_sensor=False), reader)
@@ -104,7 +108,8 @@ def main(argv=None) -> None:
         batches = [torch.randperm(n, generator=g)[: args.batch_size].tolist() for _ in range(8)]
         rows = {}
         for name, head in HEADS.items():
-            config = ModelConfig(backbone=str(backbone), **BACKBONE, **head)
+            # --vl-tokens 0 in both modes: live mode reduces the backbone's tokens as the pooled cache does
+            config = ModelConfig(backbone=str(backbone), **BACKBONE, **head, vl_tokens=0)
             torch.manual_seed(0)
             live = QwenVLA(config, device="cpu", load_backbone=True)
             cached = QwenVLA(config, device="cpu", load_backbone=False)
@@ -139,8 +144,8 @@ def main(argv=None) -> None:
           f"| **{live[0] / cache[0]:.1f}×** |" for name, (live, cache) in rows.items()],
         "",
         "Live mode decodes 2 JPEGs per sample, resizes and normalizes them (processor) and runs the frozen "
-        "backbone under no_grad; the head then attends over all the sample's tokens. Cache mode reads one fp16 "
-        "row per sample from a memory map and the head attends over one pooled token: the step is the head's "
+        "backbone under no_grad, then pools its tokens (`--vl-tokens 0`). Cache mode reads one fp16 row per "
+        "sample from a memory map. In both the head attends over the same one pooled token: the step is the head's "
         "forward, backward and optimizer step alone, so the speed-up is (images + backbone + head) / head. "
         "With the tiny backbone the processor and JPEG decode are most of the removed cost, and the speed-up is "
         "bounded by the head's own step: about 10× for a small head, about 3× for the moderate and default "

@@ -39,11 +39,12 @@ def cache_data(tmp_path_factory) -> Path:
 
 
 def make_cfg(tiny_backbone, dataset, cache_dir, **flat):
-    """A TrainConfig from flat field names (like the flags), on the tiny backbone, frozen."""
+    """A TrainConfig from flat field names (like the flags), on the tiny backbone, frozen, with
+    --vl-tokens TOKENS (the reference caches' K) unless given."""
     from vla_ds.config import TrainConfig
 
     values = dict(backbone=str(tiny_backbone), finetune_vl="none", data=[str(dataset)], batch_size=BATCH, num_workers=0,
-                  cache_dir=str(cache_dir), head_dropout=0.0)
+                  cache_dir=str(cache_dir), head_dropout=0.0, vl_tokens=TOKENS)
     values.update(flat)
     return TrainConfig.from_flat(values)
 
@@ -64,14 +65,15 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def _build_reference(tmp_path_factory, tiny_model_dir, cache_data, name: str, dtype: str) -> Path:
+def _build_reference(tmp_path_factory, tiny_model_dir, cache_data, name: str, dtype: str,
+                     tokens: int = TOKENS) -> Path:
     from vla_ds.cache import build_cache
 
     cache_dir = tmp_path_factory.mktemp(name) / "cache"
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        build_cache(make_cfg(tiny_model_dir, cache_data, cache_dir), cache_tokens=TOKENS, shard_size=SHARD_SIZE,
+        build_cache(make_cfg(tiny_model_dir, cache_data, cache_dir, vl_tokens=tokens), shard_size=SHARD_SIZE,
                     cache_dtype=dtype)
     finally:
         torch.set_num_threads(n)
@@ -88,6 +90,12 @@ def ref_cache(tmp_path_factory, tiny_model_dir, cache_data) -> Path:
 def ref_cache32(tmp_path_factory, tiny_model_dir, cache_data) -> Path:
     """The same in float32 (for exact comparisons with live features). Read-only."""
     return _build_reference(tmp_path_factory, tiny_model_dir, cache_data, "ref32", "float32")
+
+
+@pytest.fixture(scope="session")
+def ref_cache32_pooled(tmp_path_factory, tiny_model_dir, cache_data) -> Path:
+    """float32, K=0 (pooled vector only). Read-only."""
+    return _build_reference(tmp_path_factory, tiny_model_dir, cache_data, "ref32p", "float32", tokens=0)
 
 
 @pytest.fixture
@@ -112,4 +120,4 @@ def run_cache_cli(args: list[str], nproc: int = 0, env: dict | None = None, time
 def cli_args(backbone, data, cache_dir, *extra) -> list[str]:
     return ["--data", str(data), "--backbone", str(backbone), "--finetune-vl", "none", "--cache-dir", str(cache_dir),
             "--batch-size", str(BATCH), "--num-workers", "0", "--shard-size", str(SHARD_SIZE),
-            "--cache-tokens", str(TOKENS), *extra]
+            "--vl-tokens", str(TOKENS), *extra]

@@ -37,7 +37,7 @@ def test_build_covers_every_sample_and_a_rerun_encodes_nothing(ref_cache, cache_
     assert pooled.dtype == np.float16 and pooled.shape == (SHARD_SIZE, 64)
     assert reader.bytes_per_sample() == (64 + TOKENS * 64) * 2 + TOKENS
     assert not (ref_cache / ".lock").exists()
-    again = build_cache(cfg_for(ref_cache))  # layout flags omitted: the existing cache's are kept
+    again = build_cache(cfg_for(ref_cache))  # --cache-dtype omitted: the existing cache's is kept
     assert again["encoded"] == 0 and again["shards_written"] == 0 and again["samples"] == 16
 
 
@@ -113,7 +113,7 @@ def test_unreadable_image_stops_or_is_skipped(cache_data, cfg_for, tmp_path):
     with pytest.raises(KeyError, match="skipped as bad"):
         reader.features(bad_id)
     with pytest.raises(UsageError, match="1 of 16 samples .*1 skipped as bad"):
-        open_cache_for_training(cfg, ds.sample_ids(), need_tokens=False)
+        open_cache_for_training(cfg, ds.sample_ids())
     # reruns retry the bad sample alone (a one-sample shard that stays pending while the image is bad)
     for _ in range(2):
         again = build_cache(cfg, shard_size=SHARD_SIZE, skip_bad=True)
@@ -122,4 +122,4 @@ def test_unreadable_image_stops_or_is_skipped(cache_data, cfg_for, tmp_path):
     assert len(plan) == 5 and plan[-1]["samples"] == [bad_id]
     image.write_bytes((cache_data / image.relative_to(data)).read_bytes())  # fixed: the next build picks it up
     assert build_cache(cfg, shard_size=SHARD_SIZE)["encoded"] == 1
-    assert open_cache_for_training(cfg, ds.sample_ids(), need_tokens=False) is not None
+    assert open_cache_for_training(cfg, ds.sample_ids()) is not None

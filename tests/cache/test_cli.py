@@ -5,20 +5,25 @@ import argparse
 import logging
 
 import numpy as np
+import pytest
 
 from tests.cache.conftest import cli_args
 from vla_ds.cache_store import CacheReader
 from vla_ds.commands import cache as cache_cmd
+from vla_ds.model.config import FROZEN_VL_TOKENS
 
 
 def test_parser_has_training_and_cache_flags():
     p = argparse.ArgumentParser()
     cache_cmd.add_parser(p.add_subparsers(dest="command"), "cache")
-    args = p.parse_args(["cache", "--data", "d", "--max-pixels", "50176", "--cache-tokens", "9", "--skip-bad",
+    args = p.parse_args(["cache", "--data", "d", "--max-pixels", "50176", "--vl-tokens", "9", "--skip-bad",
                          "--cache-dtype", "float32", "--local_rank", "0"])
-    assert args.max_pixels == 50176 and args.cache_tokens == 9 and args.skip_bad and args.cache_dtype == "float32"
+    assert args.max_pixels == 50176 and args.vl_tokens == 9 and args.skip_bad and args.cache_dtype == "float32"
     assert args.shard_size == 2048 and not args.verify and args.run is cache_cmd.run
-    assert not hasattr(p.parse_args(["cache", "--data", "d"]), "cache_tokens")  # decided at build time
+    assert not hasattr(p.parse_args(["cache", "--data", "d"]), "vl_tokens")  # auto: resolved from the model config
+    assert p.parse_args(["cache", "--data", "d", "--vl-tokens", "-1"]).vl_tokens == -1
+    with pytest.raises(SystemExit):  # K is the model's --vl-tokens, no longer a cache setting of its own
+        p.parse_args(["cache", "--data", "d", "--cache-tokens", "9"])
 
 
 def test_build_verify_and_errors(tiny_model_dir, cache_data, tmp_path, caplog):
@@ -47,7 +52,7 @@ def test_training_entry_mode_cache(tiny_model_dir, cache_data, tmp_path):
                "--output-dir", str(out), "--num-workers", "0", "--batch-size", "4"])
     assert rc == 0
     reader = CacheReader(tmp_path / "runs" / "vl_cache")  # the default: OUTPUT_DIR/../vl_cache
-    assert len(reader) == 16 and reader.num_tokens == 0 and len(reader.shards) == 1
+    assert len(reader) == 16 and reader.num_tokens == FROZEN_VL_TOKENS and len(reader.shards) == 1
 
 
 def test_demo_stage(tiny_model_dir, cache_data, tmp_path):

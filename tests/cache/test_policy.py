@@ -7,10 +7,12 @@ import shutil
 
 import pytest
 
+from tests.cache.conftest import TOKENS
 from vla_ds.cache import build_cache, compute_fingerprint, open_cache_for_training
 from vla_ds.cache_store import CacheReader
 from vla_ds.data.dataset import IntegratedDataset
 from vla_ds.errors import UsageError
+from vla_ds.model.config import FROZEN_VL_TOKENS, ModelConfig
 
 VIEWS = ["View1", "View5"]
 
@@ -27,9 +29,9 @@ def ids(cache_data):
     return IntegratedDataset(cache_data, load_images=False).sample_ids()
 
 
-def refusal(cfg, ids, need_tokens=False) -> str:
+def refusal(cfg, ids) -> str:
     with pytest.raises(UsageError) as e:
-        open_cache_for_training(cfg, ids, need_tokens)
+        open_cache_for_training(cfg, ids)
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith("--cache-policy require: ")
     return msg
@@ -48,12 +50,12 @@ def test_fingerprint_needs_no_weights_and_tells_backbones_apart(tiny_model_dir, 
 
 
 def test_policies_on_a_valid_cache(ref_cache, cfg_for, ids, caplog):
-    assert open_cache_for_training(cfg_for(ref_cache, cache_policy="off"), ids, True) is None
+    assert open_cache_for_training(cfg_for(ref_cache, cache_policy="off"), ids) is None
     for policy in ("auto", "require"):
-        reader = open_cache_for_training(cfg_for(ref_cache, cache_policy=policy), ids, need_tokens=True)
+        reader = open_cache_for_training(cfg_for(ref_cache, cache_policy=policy), ids)
         assert isinstance(reader, CacheReader) and reader.has_tokens
     with caplog.at_level(logging.INFO):
-        assert open_cache_for_training(cfg_for(ref_cache, finetune_vl="lora"), ids, False) is None
+        assert open_cache_for_training(cfg_for(ref_cache, finetune_vl="lora"), ids) is None
     assert "VL cache not used (--finetune-vl lora trains the backbone" in caplog.text
     msg = refusal(cfg_for(ref_cache, finetune_vl="full", cache_policy="require"), ids)
     assert "--finetune-vl full" in msg and "stale" in msg
@@ -76,23 +78,54 @@ def test_a_changed_setting_makes_the_cache_stale(ref_cache, cfg_for, ids, other_
     msg = refusal(cfg_for(ref_cache, cache_policy="require", **change), ids)
     assert f"{field} (cache: " in msg and "was built differently" in msg
     with caplog.at_level(logging.INFO):
-        assert open_cache_for_training(cfg_for(ref_cache, cache_policy="auto", **change), ids, False) is None
+        assert open_cache_for_training(cfg_for(ref_cache, cache_policy="auto", **change), ids) is None
     assert field in caplog.text and "live backbone" in caplog.text
     with pytest.raises(UsageError, match=f"holds features made differently: {field}"):
         build_cache(cfg_for(ref_cache, **change))  # never mixed into the same directory
 
 
-def test_pooled_only_cache_is_refused_when_tokens_are_needed(cfg_for, tmp_path, ids):
-    cfg = cfg_for(tmp_path / "c", cache_policy="require")
+def test_the_cache_must_hold_the_models_vl_tokens(cfg_for, ref_cache, tmp_path, ids, caplog):
+    """K is the model's --vl-tokens: a cache of another K is never used, and never extended."""
+    msg = refusal(cfg_for(ref_cache, vl_tokens=0, cache_policy="require"), ids)
+    assert f"(cache: --vl-tokens {TOKENS}, now: --vl-tokens 0)" in msg and "holds 5 pooled tokens" in msg
+    assert "the pooled vector" in msg and "vla-ds cache --vl-tokens 0" in msg
+    with caplog.at_level(logging.INFO):  # auto: the frozen default (17) is not this cache's 5
+        assert open_cache_for_training(cfg_for(ref_cache, vl_tokens=None), ids) is None
+    assert f"(cache: --vl-tokens {TOKENS}, now: --vl-tokens {FROZEN_VL_TOKENS})" in caplog.text
+    with pytest.raises(UsageError, match=f"--vl-tokens 0: .* was built with --vl-tokens {TOKENS}; pass --vl-tokens"):
+        build_cache(cfg_for(ref_cache, vl_tokens=0))
+    # every VL token: no cache can stand in (auto falls back to the live backbone), none can be built
+    every = "the model attends over every VL token (--vl-tokens -1): a cache cannot stand in"
+    assert every in refusal(cfg_for(ref_cache, vl_tokens=-1, cache_policy="require"), ids)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert open_cache_for_training(cfg_for(ref_cache, vl_tokens=-1), ids) is None
+    assert every in caplog.text
+    with pytest.raises(UsageError, match="--vl-tokens -1 keeps every VL token, which a cache cannot store; use "
+                                         r"--vl-tokens 0 \(pooled\) or K >= 1 \+ views$"):
+        build_cache(cfg_for(tmp_path / "c", vl_tokens=-1))
+    with pytest.raises(UsageError, match=r"--vl-tokens 2 must be at least 1 \+ the number of views \(3 for 2 views"):
+        build_cache(cfg_for(tmp_path / "c", vl_tokens=2))
+    # a pooled-only cache for --vl-tokens 0
+    cfg = cfg_for(tmp_path / "p", vl_tokens=0, cache_policy="require")
     assert build_cache(cfg, shard_size=8)["tokens"] == 0
-    assert open_cache_for_training(cfg, ids, need_tokens=False) is not None
-    msg = refusal(cfg, ids, need_tokens=True)
-    assert "pooled vectors only" in msg and "--cache-tokens" in msg
-    with pytest.raises(UsageError, match="--cache-tokens 5: .* was built with --cache-tokens 0"):
-        build_cache(cfg, cache_tokens=5)
-    # a new cache for a cross_attention run gets tokens by default (the old `--mode cache` command works)
-    cross = cfg_for(tmp_path / "x", sensor_enabled=True, fusion_strategy="cross_attention")
-    assert build_cache(cross, shard_size=8)["tokens"] == 1 + 8 * 2
+    reader = open_cache_for_training(cfg, ids)
+    assert reader is not None and not reader.has_tokens
+    assert "holds the pooled vector per sample" in refusal(cfg_for(tmp_path / "p", cache_policy="require"), ids)
+
+
+def test_auto_builds_the_frozen_default_whatever_the_finetune_mode(cfg_for, tmp_path, ids):
+    """The old workflow: `--mode cache` with the run's flags (even --finetune-vl lora), then training
+    with --finetune-vl none: both resolve --vl-tokens auto to FROZEN_VL_TOKENS."""
+    assert ModelConfig(finetune_vl="none").memory_tokens == FROZEN_VL_TOKENS == 17
+    cfg = cfg_for(tmp_path / "x", vl_tokens=None, finetune_vl="lora")
+    assert build_cache(cfg, shard_size=8)["tokens"] == FROZEN_VL_TOKENS
+    reader = open_cache_for_training(cfg_for(tmp_path / "x", vl_tokens=None, cache_policy="require"), ids)
+    assert reader.num_tokens == FROZEN_VL_TOKENS
+    tokens = reader.features(ids[0])
+    assert tokens["vl_tokens"].shape == (FROZEN_VL_TOKENS, 64)
+    # the tiny views have 2 x 2 merged tokens: 4 of each view's 8 cells are filled, the rest masked out
+    assert tokens["vl_tokens_mask"].tolist() == ([True] * 4 + [False] * 4) * 2 + [True]
 
 
 def test_changed_instruction_re_encodes_that_episode_only(ref_cache, copy_cache, cache_data, cfg_for, tmp_path,
@@ -111,5 +144,5 @@ def test_changed_instruction_re_encodes_that_episode_only(ref_cache, copy_cache,
     assert f"{n} of 16 samples" in msg and "stale" in msg
     summary = build_cache(cfg)
     assert summary["encoded"] == n and summary["samples"] == 16
-    reader = open_cache_for_training(cfg, ds.sample_ids(), need_tokens=False)
+    reader = open_cache_for_training(cfg, ds.sample_ids())
     assert reader is not None and reader.missing(ds.sample_ids()) == []

@@ -5,13 +5,13 @@ from dataclasses import fields
 
 import pytest
 
-from vla_ds.model.config import ModelConfig
+from vla_ds.model.config import FROZEN_VL_TOKENS, ModelConfig
 
 # Flags of the issue and of the old trainer's guide that users already type.
 FLAGS = [
     "finetune-vl", "lora-r", "lora-alpha", "lora-dropout", "lora-targets", "unfreeze-last-n", "load-in-8bit",
     "sensor-enabled", "sensor-input-channels", "sensor-temporal-length", "sensor-output-dim", "sensor-hidden-dim",
-    "fusion-strategy", "gradient-checkpointing", "min-pixels", "max-pixels", "attn-implementation",
+    "fusion-strategy", "gradient-checkpointing", "min-pixels", "max-pixels", "attn-implementation", "vl-tokens",
 ]
 
 
@@ -45,6 +45,8 @@ def test_defaults_match_the_old_trainer():
     ({"sensor_input_channels": 1}, "channel 0 is the force"),
     ({"action_loss": "huber"}, "--action-loss 'huber'"),
     ({"horizon": 0}, "--horizon must be >= 1"),
+    ({"vl_tokens": 1}, r"--vl-tokens 1: use -1 \(every VL token\), 0 \(the pooled vector\) or K >= 2"),
+    ({"vl_tokens": -2}, "--vl-tokens -2: use -1"),
 ])
 def test_bad_settings_are_one_line_errors(kwargs, message):
     with pytest.raises(ValueError, match=message) as e:
@@ -58,6 +60,15 @@ def test_gradient_checkpointing_auto_follows_the_backbone():
     assert not ModelConfig(finetune_vl="none").use_gradient_checkpointing
     assert not ModelConfig(finetune_vl="none", gradient_checkpointing=True).use_gradient_checkpointing
     assert not ModelConfig(finetune_vl="lora", gradient_checkpointing=False).use_gradient_checkpointing
+
+
+def test_vl_tokens_auto_follows_the_backbone():
+    # auto: every token when the backbone trains; a frozen backbone's default is what a cache stores
+    assert ModelConfig(finetune_vl="lora").memory_tokens == ModelConfig(finetune_vl="full").memory_tokens == -1
+    assert ModelConfig(finetune_vl="none").memory_tokens == FROZEN_VL_TOKENS == 1 + 8 * 2
+    for k in (-1, 0, 2, 9):
+        assert ModelConfig(finetune_vl="none", vl_tokens=k).memory_tokens == k
+        assert ModelConfig(finetune_vl="lora", vl_tokens=k).memory_tokens == k
 
 
 def test_without_the_sensor_every_fusion_is_vl_only():

@@ -152,6 +152,39 @@ def test_predict_returns_denormalized_chunks(small_config, tmp_path):
         policy.predict(texts, images, sensor[:1])
 
 
+@pytest.mark.parametrize("vl_tokens", [5, -1])
+def test_predict_attends_over_the_configured_vl_tokens(small_config, vl_tokens):
+    """predict() runs the live backbone and reduces its tokens exactly as a VL cache of --vl-tokens K
+    does (a policy trained from the cache sees the same memory), or keeps them all with -1."""
+    policy = QwenVLA(small_config(vl_tokens=vl_tokens), stats=STATS, device="cpu")
+    texts, images, sensor = _inputs()
+    seen = []
+    hook = policy.expert.register_forward_hook(lambda m, args, out: seen.append(tuple(a.shape for a in args)))
+    try:
+        policy.predict(texts, images, sensor)
+    finally:
+        hook.remove()
+    (memory, mask), = seen
+    with torch.no_grad():
+        feats = policy.encode_vl({"images": images, "instructions": texts})
+    if vl_tokens == 5:
+        assert feats.tokens.shape == (2, 5, 64) and memory == (2, 5, 32) and mask == (2, 5)
+    else:
+        seq = policy.vl.processor_inputs(images, texts)["input_ids"].shape[1]
+        assert feats.tokens.shape == (2, seq, 64) and memory == (2, seq, 32) and seq > 5
+
+
+def test_a_config_saved_before_vl_tokens_keeps_every_vl_token(small_config, tmp_path):
+    policy = QwenVLA(small_config(vl_tokens=0), stats=STATS, device="cpu")
+    policy.save_pretrained(tmp_path / "policy")
+    assert QwenVLA.from_pretrained(tmp_path / "policy", device="cpu").config.memory_tokens == 0
+    meta = json.loads((tmp_path / "policy" / "config.json").read_text())
+    del meta["model"]["vl_tokens"]
+    (tmp_path / "policy" / "config.json").write_text(json.dumps(meta))
+    # it was trained (live) over every VL token; auto would pool the frozen backbone's tokens
+    assert QwenVLA.from_pretrained(tmp_path / "policy", device="cpu").vl.num_tokens == -1
+
+
 @pytest.mark.gpu
 def test_predict_on_gpu_runs_the_backbone_in_bf16(small_config):
     policy = QwenVLA(small_config(finetune_vl="lora"), stats=STATS, device="cuda")

@@ -8,6 +8,7 @@ import torch
 
 from vla_ds.demo import synthetic_view
 from vla_ds.model.backbone import chat_message
+from vla_ds.model.config import FROZEN_VL_TOKENS
 from vla_ds.model.policy import QwenVLA
 
 
@@ -22,7 +23,7 @@ def _reference_hidden(policy, views, instruction, layer=-1):
 
 
 def test_each_sample_is_its_own_message_and_padding_is_never_pooled(small_config, make_batch):
-    policy = QwenVLA(small_config(), device="cpu")
+    policy = QwenVLA(small_config(vl_tokens=-1), device="cpu")  # every VL token: the whole sequence
     batch = make_batch(3, views=[1, 3, 2])  # different view counts -> different lengths -> padding
     feats = policy.encode_vl(batch)
     lengths = feats.mask.sum(1).tolist()
@@ -38,7 +39,7 @@ def test_each_sample_is_its_own_message_and_padding_is_never_pooled(small_config
 
 
 def test_feature_layer_selects_that_hidden_state(small_config, make_batch):
-    policy = QwenVLA(small_config(vl_feature_layer=1), device="cpu")
+    policy = QwenVLA(small_config(vl_feature_layer=1, vl_tokens=-1), device="cpu")
     batch = make_batch(1)
     feats = policy.encode_vl(batch)
     ref = _reference_hidden(policy, batch["images"][0], batch["instructions"][0], layer=1)
@@ -47,6 +48,34 @@ def test_feature_layer_selects_that_hidden_state(small_config, make_batch):
     assert not torch.allclose(feats.tokens[0], last, atol=1e-3)
     with pytest.raises(ValueError, match="--vl-feature-layer 5 is outside"):
         QwenVLA(small_config(vl_feature_layer=5), device="cpu")
+
+
+def test_vl_tokens_choose_the_memory_the_expert_attends_over(small_config, make_batch):
+    """-1: every token; 0: the pooled vector as one token; K: K pooled tokens (each view's image
+    tokens on a grid + 1 text token). The pooled vector is the same masked mean in every case, and
+    auto means every token when the backbone trains, FROZEN_VL_TOKENS when it is frozen."""
+    batch = make_batch(3, views=[1, 3, 2])
+    every = QwenVLA(small_config(vl_tokens=-1), device="cpu")
+    full = every.encode_vl(batch)
+    lengths = full.mask.sum(1)
+    assert full.tokens.shape == (3, int(lengths.max()), 64) and len(set(lengths.tolist())) == 3
+    for k in (0, 5):
+        every.vl.num_tokens = k  # the same backbone, reduced to k tokens
+        feats = every.encode_vl(batch)
+        assert feats.tokens.shape == (3, max(k, 1), 64) and feats.tokens.dtype == torch.float32
+        torch.testing.assert_close(feats.pooled, full.pooled, atol=1e-6, rtol=1e-5)
+        if k == 0:
+            assert torch.equal(feats.tokens[:, 0], feats.pooled) and feats.mask.all()
+        else:
+            inputs = every.vl.processor_inputs(batch["images"], batch["instructions"])
+            text = inputs["attention_mask"].bool() & (inputs["input_ids"] != every.vl.model.config.image_token_id)
+            for i in range(3):  # the last slot summarises the sample's text tokens
+                torch.testing.assert_close(feats.tokens[i, -1], full.tokens[i, text[i]].mean(0), atol=1e-6, rtol=1e-5)
+            assert feats.mask[:, -1].all()
+    assert QwenVLA(small_config(), device="cpu").vl.num_tokens == FROZEN_VL_TOKENS
+    assert QwenVLA(small_config(finetune_vl="lora"), device="cpu").vl.num_tokens == -1
+    with pytest.raises(ValueError, match=r"--vl-tokens K must be at least 1 \+ the number of views"):
+        QwenVLA(small_config(vl_tokens=3), device="cpu").encode_vl(batch)  # 3 views need 4
 
 
 def test_image_paths_and_pil_images_give_the_same_features(small_config, tmp_path):
@@ -118,6 +147,6 @@ def test_d_comes_from_the_backbone_config_without_loading_weights(small_config, 
 
 def test_pixel_bounds_reach_the_backbone(small_config, make_batch):
     batch = make_batch(1)
-    small = QwenVLA(small_config(max_pixels=56 * 56), device="cpu").encode_vl(batch)
-    large = QwenVLA(small_config(max_pixels=224 * 224), device="cpu").encode_vl(batch)
+    small = QwenVLA(small_config(max_pixels=56 * 56, vl_tokens=-1), device="cpu").encode_vl(batch)
+    large = QwenVLA(small_config(max_pixels=224 * 224, vl_tokens=-1), device="cpu").encode_vl(batch)
     assert small.mask.sum() < large.mask.sum()

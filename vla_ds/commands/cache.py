@@ -1,8 +1,9 @@
 """`vla-ds cache [training flags] [cache flags]`: build (or --verify) the VL feature cache.
 
 Takes the training flags (the cache must match --backbone, --min-pixels/--max-pixels, --views,
---vl-feature-layer, --dtype of the run that uses it) plus cache-only flags. Multi-process:
-`torchrun --nproc_per_node N -m vla_ds.cache ...` (or the training entry's `--mode cache`).
+--vl-feature-layer, --dtype and --vl-tokens of the run that uses it) plus cache-only flags.
+--vl-tokens K is the number of VL tokens stored per sample besides the pooled vector (auto: 17).
+Multi-process: `torchrun --nproc_per_node N -m vla_ds.cache ...` (or the training entry's `--mode cache`).
 """
 from __future__ import annotations
 
@@ -18,11 +19,6 @@ def add_cache_flags(p: argparse.ArgumentParser) -> None:
 
     add_config_flags(p)
     g = p.add_argument_group("cache settings")
-    # default=SUPPRESS: "None" means "decided at build time", which the help text explains
-    g.add_argument("--cache-tokens", type=int, default=argparse.SUPPRESS, metavar="K",
-                   help="VL tokens stored per sample besides the pooled vector: each view's image tokens pooled on a "
-                   "grid + 1 text token (0 = pooled only; default: the existing cache's, else 0, or 1+8*views with "
-                   "--fusion-strategy cross_attention)")
     g.add_argument("--shard-size", type=int, default=2048, metavar="N", help="samples per shard file")
     g.add_argument("--cache-batch-size", type=int, default=argparse.SUPPRESS, metavar="N",
                    help="samples per backbone forward (default: --batch-size)")
@@ -52,18 +48,13 @@ def add_parser(sub, name: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Collective (the build): every launched process runs it."""
-    import torch.distributed as dist
-
     from vla_ds.cache import build_cache, verify_cache
-    from vla_ds.config import config_from_args
-    from vla_ds.errors import UsageError
+    from vla_ds.config import resolve_config
+    from vla_ds.utils.dist import process_group_cleanup
     from vla_ds.utils.logging import rank
 
-    try:
-        cfg = config_from_args(args)
-    except (ValueError, TypeError) as e:
-        raise UsageError(str(e)) from None
-    try:
+    cfg = resolve_config(args)
+    with process_group_cleanup():
         if args.verify:
             if rank() != 0:  # one process checks; the others have nothing to do
                 return 0
@@ -74,13 +65,9 @@ def run(args: argparse.Namespace) -> int:
                           result["tolerance"])
                 return 1
             return 0
-        build_cache(cfg, cache_tokens=getattr(args, "cache_tokens", None), shard_size=args.shard_size,
-                    skip_bad=args.skip_bad, cache_dtype=getattr(args, "cache_dtype", None),
-                    batch_size=getattr(args, "cache_batch_size", None))
+        build_cache(cfg, shard_size=args.shard_size, skip_bad=args.skip_bad,
+                    cache_dtype=getattr(args, "cache_dtype", None), batch_size=getattr(args, "cache_batch_size", None))
         return 0
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> int:

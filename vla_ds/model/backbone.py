@@ -3,9 +3,10 @@ per-sample VL features the policy consumes.
 
 Each sample is its own chat message (all of its camera views, then its instruction); the samples
 are tokenized together with right padding, and the features are the chosen hidden state with the
-attention mask, as tokens `(B, L, D)` and as a masked mean `(B, D)` over real tokens only. (The
-old trainer put the whole batch into one conversation and so crashed for batch > 1.) D is read from
-the backbone's config, never assumed.
+attention mask, reduced to the VL memory of `--vl-tokens` tokens (every token `(B, L, D)`, the
+pooled vector, or K pooled tokens: `vla_ds.model.vl_tokens`), plus a masked mean `(B, D)` over real
+tokens only. (The old trainer put the whole batch into one conversation and so crashed for
+batch > 1.) D is read from the backbone's config, never assumed.
 """
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from vla_ds.model.layers import masked_mean
 
 log = logging.getLogger(__name__)
 
@@ -138,12 +138,13 @@ def load_image(image):
 
 
 class VLFeatures(NamedTuple):
-    """Vision-language features of a batch: tokens `(B, L, D)`, mask `(B, L)` bool, pooled `(B, D)`.
+    """Vision-language features of a batch: tokens `(B, M, D)`, mask `(B, M)` bool, pooled `(B, D)`.
 
-    From the live backbone, `pooled` is the masked mean of `tokens`; from a VL cache it is whatever
-    the cache stored (the same quantity, computed when the cache was built). A NamedTuple, not a
-    dataclass: ZeRO-3 finds a module's output tensors (to hook its backward) only inside tuples,
-    lists and dicts.
+    M is the VL memory's length: L (every token, `--vl-tokens -1`), 1 (the pooled vector) or K
+    (pooled tokens). `pooled` is the masked mean over the sample's real tokens, from the live
+    backbone or as a VL cache stored it (the same computation, when the cache was built).
+    A NamedTuple, not a dataclass: ZeRO-3 finds a module's output tensors (to hook its backward)
+    only inside tuples, lists and dicts.
     """
 
     tokens: torch.Tensor
@@ -160,7 +161,8 @@ class VLFeatures(NamedTuple):
 
     @classmethod
     def from_cache(cls, batch: dict, width: int) -> "VLFeatures":
-        """Features from a VL-cache batch: `vl_pooled` (B, D), optional `vl_tokens` (B, K, D) + mask."""
+        """Features from a VL-cache batch: `vl_pooled` (B, D), optional `vl_tokens` (B, K, D) + mask;
+        what `VLEncoder(num_tokens=K)` (K = 0 without `vl_tokens`) computes live for the same samples."""
         pooled = batch["vl_pooled"]
         if pooled.dim() != 2 or pooled.shape[1] != width:
             raise ValueError(f"batch vl_pooled is {tuple(pooled.shape)}, the backbone's features are (B, {width}); "
@@ -179,11 +181,14 @@ class VLFeatures(NamedTuple):
 class VLEncoder(nn.Module):
     """The Qwen2.5-VL model + processor, turning (views, instruction) samples into `VLFeatures`.
 
+    `num_tokens` (`ModelConfig.memory_tokens`) is the VL memory's size: -1 every token `(B, L, D)`,
+    0 the pooled vector as one token, K >= 2 K pooled tokens (`vla_ds.model.vl_tokens`). A VL cache
+    stores `encode_inputs`' output, so cached and live features are the same function of the inputs.
     Runs under `torch.no_grad()` whenever no backbone parameter requires grad (finetune none), so
     a frozen 3B keeps no activations for backward.
     """
 
-    def __init__(self, model, processor, feature_layer: int = -1):
+    def __init__(self, model, processor, feature_layer: int = -1, num_tokens: int = -1):
         super().__init__()
         self.model = model
         self.processor = processor
@@ -191,7 +196,10 @@ class VLEncoder(nn.Module):
         if not -(layers + 1) <= feature_layer <= layers:
             raise ValueError(f"--vl-feature-layer {feature_layer} is outside the backbone's hidden states "
                              f"(-{layers + 1}..{layers})")
+        if num_tokens < -1 or num_tokens == 1:
+            raise ValueError(f"--vl-tokens {num_tokens}: use -1 (every token), 0 (the pooled vector) or K >= 2")
         self.feature_layer = feature_layer
+        self.num_tokens = int(num_tokens)
 
     @property
     def hidden_size(self) -> int:
@@ -213,8 +221,11 @@ class VLEncoder(nn.Module):
         return self.processor(text=texts, images=flat or None, padding=True, padding_side="right",
                               return_tensors="pt")
 
-    def forward(self, images: list[list], instructions: list[str]) -> VLFeatures:
-        inputs = self.processor_inputs(images, instructions)
+    def encode_inputs(self, inputs: dict, views: list[int]) -> VLFeatures:
+        """Features of already-processed inputs (`processor_inputs`' output, e.g. made in a loader
+        worker); `views[b]` is sample b's number of images. The one path of live and cached features."""
+        from vla_ds.model.vl_tokens import reduce_features
+
         device = next(self.model.parameters()).device
         inputs = {k: v.to(device) for k, v in inputs.items()}
         grad = contextlib.nullcontext() if self.trains() else torch.no_grad()
@@ -222,6 +233,10 @@ class VLEncoder(nn.Module):
         with grad:
             # The inner Qwen2_5_VLModel: hidden states without the vocabulary-sized lm_head matmul.
             out = self.model.model(**inputs, use_cache=False, output_hidden_states=want_all, return_dict=True)
-        hidden = out.hidden_states[self.feature_layer] if want_all else out.last_hidden_state
-        mask = inputs["attention_mask"].bool()
-        return VLFeatures(hidden, mask, masked_mean(hidden, mask))
+            hidden = out.hidden_states[self.feature_layer] if want_all else out.last_hidden_state
+            return reduce_features(hidden, inputs["attention_mask"], inputs["input_ids"],
+                                   inputs.get("image_grid_thw"), list(views), self.model.config.image_token_id,
+                                   self.processor.image_processor.merge_size, self.num_tokens)
+
+    def forward(self, images: list[list], instructions: list[str]) -> VLFeatures:
+        return self.encode_inputs(self.processor_inputs(images, instructions), [len(v) for v in images])

@@ -15,6 +15,9 @@ ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ACTION_LOSSES = ("mse", "l1")
 ALL_LINEAR = "all-linear"
+# The VL tokens a frozen backbone's policy attends over by default (--vl-tokens auto with
+# --finetune-vl none): 1 text token + 8 pooled tokens per view for 2 views, the layout of a VL cache.
+FROZEN_VL_TOKENS = 17
 
 
 @dataclass
@@ -42,6 +45,14 @@ class ModelConfig:
     min_pixels: int | None = None  # image resolution bounds; None = the backbone directory's own
     max_pixels: int | None = None
     vl_feature_layer: int = -1  # which hidden state the VL tokens are (-1 = last, after the norm)
+    # How many VL tokens the fusion and the action expert attend over (docs/model.md, "VL memory"):
+    # -1 every token of the sequence (live backbone only); 0 the pooled vector (one token); K >= 2
+    # K pooled tokens (each view's image tokens pooled on a grid + 1 text token), which is what a VL
+    # cache stores. None = auto: -1 when the backbone trains (lora/full), FROZEN_VL_TOKENS when it is
+    # frozen (none), so that the old workflow (`--mode cache`, then train with --finetune-vl none)
+    # uses the cache out of the box. The live backbone and a cache reduce the same way for the same
+    # value, so a policy trained from a cache predicts with the live backbone on the same inputs.
+    vl_tokens: int | None = None
 
     # --- sensor ---------------------------------------------------------------------------------
     # Off by default, as in the old trainer: the sensor encoder is then not built and batches'
@@ -102,6 +113,9 @@ class ModelConfig:
                                  f"{getattr(self, heads)}")
         if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
             raise ValueError(f"--min-pixels {self.min_pixels} is larger than --max-pixels {self.max_pixels}")
+        if self.vl_tokens is not None and (self.vl_tokens < -1 or self.vl_tokens == 1):
+            raise ValueError(f"--vl-tokens {self.vl_tokens}: use -1 (every VL token), 0 (the pooled vector) or "
+                             "K >= 2 (K pooled tokens: each view's image tokens on a grid + 1 text token)")
         if not self.lora_target_names():
             raise ValueError("--lora-targets is empty; give e.g. q_proj,k_proj,v_proj,o_proj or all-linear")
 
@@ -116,6 +130,14 @@ class ModelConfig:
         if self.gradient_checkpointing is None:
             return self.trains_backbone
         return bool(self.gradient_checkpointing) and self.trains_backbone
+
+    @property
+    def memory_tokens(self) -> int:
+        """The resolved `vl_tokens`: -1 (every token), 0 (pooled) or K >= 2 pooled tokens; auto
+        means -1 when the backbone trains and FROZEN_VL_TOKENS when it is frozen."""
+        if self.vl_tokens is None:
+            return -1 if self.trains_backbone else FROZEN_VL_TOKENS
+        return int(self.vl_tokens)
 
     @property
     def effective_fusion(self) -> str:

@@ -1,8 +1,9 @@
 """`QwenVLA`: Qwen2.5-VL backbone -> (sensor encoder) -> fusion -> action expert.
 
-    images + instructions --VLEncoder--> VL tokens (B, L, D) + mask      (or a VL cache's features)
+    images + instructions --VLEncoder--> VL memory (B, M, D) + mask      (or a VL cache's features)
+                          M = L (--vl-tokens -1), 1 (0: pooled) or K pooled tokens, the same live and cached
     sensor (B, T, C)      --Normalizer, SensorEncoder--> tokens (B, T', S), pooled (B, S)
-    fusion(VL, sensor)    --> memory (B, L, E) + mask
+    fusion(VL, sensor)    --> memory (B, M, E) + mask
     ActionExpert(memory)  --> actions (B, H, A), normalized
 
 `forward(batch)` returns normalized predictions and, when the batch has target actions, the
@@ -77,7 +78,7 @@ class QwenVLA(nn.Module):
                                   device, load_in_8bit=config.load_in_8bit)
             apply_finetune(model, config)
             processor = load_processor(config.backbone, config.min_pixels, config.max_pixels)
-            self.vl = VLEncoder(model, processor, config.vl_feature_layer)
+            self.vl = VLEncoder(model, processor, config.vl_feature_layer, config.memory_tokens)
             self.vl_dim = self.vl.hidden_size
             # Fixed at build time from the config, so freezing the policy later (e.g. for
             # inference) never changes what save_pretrained writes.
@@ -130,7 +131,8 @@ class QwenVLA(nn.Module):
     # ------------------------------------------------------------------------------ forward
     def encode_vl(self, batch: dict) -> VLFeatures:
         """VL features from the batch's `vl_pooled`/`vl_tokens` (VL cache) if present, else from the
-        live backbone on `images` + `instructions`."""
+        live backbone on `images` + `instructions`, reduced to `config.memory_tokens` tokens exactly
+        as a VL cache of that many tokens stores them."""
         if "vl_pooled" in batch:
             feats = VLFeatures.from_cache(batch, self.vl_dim)
             return VLFeatures(*(t.to(self.device) for t in feats))

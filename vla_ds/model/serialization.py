@@ -1,6 +1,7 @@
 """A saved policy directory: `config.json`, `model.safetensors`, `stats.json`.
 
-- config.json: `{"format": "vla-ds-policy", "version": 1, "backbone": ..., "vl_dim": D, "model": {ModelConfig}}`
+- config.json: `{"format": "vla-ds-policy", "version": 1, "backbone": ..., "vl_dim": D, "model": {ModelConfig}}`;
+  a config saved before `vl_tokens` existed loads with `vl_tokens = -1` (every VL token, as then)
 - model.safetensors: exactly `QwenVLA.saved_parameter_names()` -- the vla-ds-owned weights and the
   trained part of the backbone (LoRA adapters or unfrozen blocks), not the frozen backbone. Names
   come from `named_parameters()`, which lists a tied tensor once (the tiny and the 3B Qwen tie
@@ -76,7 +77,14 @@ def read_policy_config(path: str | os.PathLike) -> tuple[dict, ModelConfig]:
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise ValueError(f"{cfg_file}: not a vla-ds policy config (format {meta.get('format')!r}, "
                          f"version {meta.get('version')!r}; expected {FORMAT!r} version {VERSION})")
-    return meta, ModelConfig.from_dict(meta["model"], source=str(cfg_file))
+    model = dict(meta["model"])
+    if "vl_tokens" not in model:
+        # Saved before --vl-tokens existed, when the live policy attended over every VL token: keep
+        # that (auto would now pool a frozen backbone's tokens, which this head never saw).
+        model["vl_tokens"] = -1
+        log.warning("%s predates --vl-tokens: the policy attends over every VL token (--vl-tokens -1), as it "
+                    "did when it was saved", cfg_file)
+    return meta, ModelConfig.from_dict(model, source=str(cfg_file))
 
 
 def load_tensors_into(policy, tensors: dict[str, torch.Tensor], source: str) -> None:
