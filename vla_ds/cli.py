@@ -22,8 +22,10 @@ SUBCOMMANDS = {
     "tiny-model": "vla_ds.commands.tiny_model",
     "preprocess": "vla_ds.commands.preprocess",
     "stats": "vla_ds.commands.stats",
+    "cache": "vla_ds.commands.cache",
     "train": "vla_ds.commands.train",
     "plot": "vla_ds.commands.plot",
+    "convert": "vla_ds.commands.convert",
 }
 
 

@@ -95,6 +95,10 @@ class RunConfig:
     wandb_project: str = _f("vla-ds", "wandb project")
     log_every: int = _f(10, "optimizer steps between metric logs")
     val_every: int = _f(0, "optimizer steps between validations (0 = at each epoch end)")
+    save_every: int = _f(500, "optimizer steps between checkpoints (also one at every epoch end; 0 = epoch ends only)")
+    keep_last: int = _f(3, "step checkpoints kept (those that latest/best/final point at are always kept; 0 = all)")
+    resume: str = _f("auto", "auto: continue from OUTPUT_DIR/checkpoints/latest if present; none; or a checkpoint path")
+    rewarm: bool = _f(False, "after resuming, re-warm the lr from 0 to its saved value over 3%% of the remaining steps")
     init_from: str | None = _f(None, "stage-1 checkpoint/policy dir to load weights from (fresh optimizer)")
     cache_dir: str | None = _f(None, "VL feature cache directory (default: OUTPUT_DIR/../vl_cache)")
     cache_policy: str = _f("auto", "use the VL cache: auto (when valid), require, off", choices=CACHE_POLICIES)
@@ -102,6 +106,8 @@ class RunConfig:
     def __post_init__(self):
         if self.log_every < 1 or self.val_every < 0:
             raise ValueError("--log-every must be >= 1 and --val-every >= 0")
+        if self.save_every < 0 or self.keep_last < 0:
+            raise ValueError("--save-every and --keep-last must be >= 0")
 
 
 # Flags the old trainer or the launchers spell differently from the field name.
@@ -120,6 +126,8 @@ MODEL_HELP = {
     "action_loss": "regression loss on normalized actions",
     "min_pixels": "lower bound of image pixels (vision tokens scale with pixels/784)",
     "max_pixels": "upper bound of image pixels",
+    "vl_tokens": "VL tokens the expert attends over, live and in a VL cache alike: -1 every token, 0 the pooled "
+                 "vector, K >= 1 + views K pooled tokens; None = auto: -1 with lora/full, 17 with none",
 }
 
 
@@ -249,6 +257,16 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     owners = field_owners()
     values.update({k: v for k, v in vars(args).items() if k in owners})
     return TrainConfig.from_flat(values)
+
+
+def resolve_config(args: argparse.Namespace) -> TrainConfig:
+    """`config_from_args` for a command line: invalid settings become a one-line UsageError."""
+    from vla_ds.errors import UsageError
+
+    try:
+        return config_from_args(args)
+    except (ValueError, TypeError) as e:
+        raise UsageError(str(e)) from None
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:

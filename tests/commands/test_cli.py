@@ -52,8 +52,17 @@ def test_tiny_model_refuses_to_replace_an_unrelated_directory(tmp_path):
     assert (tmp_path / "notes.txt").read_text() == "precious"
 
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path, caplog):
     with caplog.at_level(logging.INFO):
         assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
-    assert (tmp_path / "demo" / "backbone" / "model.safetensors").is_file()
+    demo = tmp_path / "demo"
+    assert (demo / "backbone" / "model.safetensors").is_file()
+    assert (demo / "dataset" / "stats.json").is_file() and (demo / "vl_cache").is_dir()
+    for run in ("run_lora", "run_cached_head"):
+        assert (demo / run / "checkpoints" / "final" / "policy" / "model.safetensors").exists()
+        assert (demo / run / "curves.png").is_file()
+    assert (demo / "converted" / "policy" / "config.json").is_file()
+    assert "resumed from step 12 and finished" in caplog.text, "killed at 15, resumed from the epoch-end checkpoint"
+    assert "predicted step 1" in caplog.text
     assert "demo finished" in caplog.text

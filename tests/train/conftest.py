@@ -60,9 +60,9 @@ def learn_data(tmp_path_factory) -> Path:
     return ds
 
 
-def run_training(args: list[str], nproc: int = 2, timeout: int = 420, expect_ok: bool = True):
+def run_training(args: list[str], nproc: int = 2, timeout: int = 420, expect_ok: bool = True, env: dict | None = None):
     """`torchrun --nproc_per_node N -m vla_ds.train --mode train ARGS`; returns (proc, metrics rows)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONUNBUFFERED="1", **(env or {}))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
            str(free_port()), "-m", "vla_ds.train", "--mode", "train", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)

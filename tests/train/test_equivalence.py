@@ -24,7 +24,7 @@ DETERMINISTIC = ["--head-dropout", "0", "--lora-dropout", "0", "--val-ratio", "0
 
 
 def _weights(out):
-    return load_file(str(out / "policy" / "model.safetensors"))
+    return load_file(str(out / "checkpoints" / "final" / "policy" / "model.safetensors"))
 
 
 @pytest.fixture

@@ -37,3 +37,7 @@ def test_shape_mismatch_and_missing_file_are_refused(tiny_model_dir, tmp_path):
         load_init_weights(b, tmp_path / "a")
     with pytest.raises(UsageError, match="no model.safetensors"):
         load_init_weights(b, tmp_path / "nothing")
+    old = tmp_path / "qwen_vla_sensor.pt"  # what the old trainer wrote: a pickle
+    torch.save({"epoch": 3, "model_state_dict": {}}, old)
+    with pytest.raises(UsageError, match="pickle"):
+        load_init_weights(b, old)

@@ -29,7 +29,7 @@ def test_cpu_launch_script(tmp_path, train_data, tiny_model_dir, repo_root):
     proc = subprocess.run(["bash", str(repo_root / "launch" / "train_cpu.sh"), *_args(train_data, tiny_model_dir, out)],
                           capture_output=True, text=True, timeout=300, env=_env())
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert (out / "policy" / "model.safetensors").is_file()
+    assert (out / "checkpoints" / "final" / "policy" / "model.safetensors").is_file()
     assert "2 process(es)" in proc.stderr
 
 
@@ -41,5 +41,5 @@ def test_deepspeed_launcher(tmp_path, train_data, tiny_model_dir, repo_root):
            *_args(train_data, tiny_model_dir, out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env(), cwd=repo_root)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert (out / "policy" / "model.safetensors").is_file()
+    assert (out / "checkpoints" / "final" / "policy" / "model.safetensors").is_file()
     assert "--local_rank=" in proc.stdout + proc.stderr, "the launcher passed --local_rank and it was accepted"

@@ -43,7 +43,7 @@ def test_loss_falls(case, tmp_path, learn_data, tiny_model_dir, repo_root):
     preset, extra = CASES[case]
     proc, rows = _train(tmp_path, learn_data, tiny_model_dir, "--ds-config", str(repo_root / f"ds_configs/{preset}.json"), *extra)
     _assert_learns(rows)
-    assert (tmp_path / "run" / "policy" / "model.safetensors").is_file()
+    assert (tmp_path / "run" / "checkpoints" / "final" / "policy" / "model.safetensors").is_file()
     last = [r for r in rows if "train/loss_step" in r][-1]
     assert last["train/lr"] == pytest.approx(3e-4)  # decayed to --min-lr
     groups = {k: v for k, v in last.items() if k.startswith("lr/")}

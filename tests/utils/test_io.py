@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -37,3 +38,15 @@ def test_atomic_dir_replaces_only_when_complete(tmp_path):
     with pytest.raises(FileExistsError):
         with atomic_dir(target, replace=False) as d:
             pass
+
+
+def test_written_files_and_dirs_get_ordinary_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        write_json(tmp_path / "a.json", {})
+        with atomic_dir(tmp_path / "d") as d:
+            (d / "x").write_text("1")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755

@@ -35,15 +35,11 @@ def build_parser(require_mode: bool, prog: str = "python -m vla_ds.train") -> ar
 
 def run(args: argparse.Namespace) -> int:
     """Collective. Resolve the config, then train (or build the cache)."""
-    import torch.distributed as dist
+    from vla_ds.config import resolve_config
+    from vla_ds.utils.dist import process_group_cleanup
 
-    from vla_ds.config import config_from_args
-
-    try:
-        cfg = config_from_args(args)
-    except (ValueError, TypeError) as e:
-        raise UsageError(str(e)) from None
-    try:
+    cfg = resolve_config(args)
+    with process_group_cleanup():
         if cfg.run.mode == "cache":
             from vla_ds.cache import build_cache_from_config
 
@@ -52,10 +48,6 @@ def run(args: argparse.Namespace) -> int:
             from vla_ds.train.loop import train
 
             train(cfg)
-    finally:
-        # without this, ~1 run in 60 aborted at interpreter exit after success (ZeRO-3, gloo)
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
     return 0
 
 

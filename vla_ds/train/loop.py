@@ -9,6 +9,8 @@ Features:
   - the old trainer's wandb metric names, mirrored to RUN_DIR/metrics.jsonl; rank-0 progress bar
   - validation with sensor / no-sensor losses; a non-finite loss stops every rank with the step
     and the offending sample ids
+  - VL feature cache (--cache-policy auto|require|off): with a frozen backbone and a matching
+    cache, batches carry cached features and the backbone's weights are never loaded
 Checkpointing and resume live in vla_ds/train/checkpoint.py.
 """
 from __future__ import annotations
@@ -94,21 +96,42 @@ def load_stats(cfg: TrainConfig, run_dir: Path):
     return compute_stats(cfg.data.data)
 
 
-def build_datasets(cfg: TrainConfig, sensor_length: int, load_images: bool):
+def build_datasets(cfg: TrainConfig, load_images: bool):
+    """(all samples, train, val) of --data, split by episode. The views are resolved once on the
+    whole data so both splits (and a VL cache) use the same ones. `load_images` can be switched
+    on the returned datasets later."""
     from vla_ds.data.dataset import IntegratedDataset
     from vla_ds.data.split import split_by_episode
 
-    kw = dict(views=cfg.data.views, horizon=cfg.model.horizon, sensor_length=sensor_length,
-              sensor_channels=cfg.model.sensor_input_channels, load_images=load_images,
-              load_sensor=cfg.model.sensor_enabled)
+    kw = dict(horizon=cfg.model.horizon, sensor_length=cfg.model.sensor_temporal_length,
+              sensor_channels=cfg.model.sensor_input_channels, load_sensor=cfg.model.sensor_enabled)
     try:
-        full = IntegratedDataset(cfg.data.data, **kw)
+        full = IntegratedDataset(cfg.data.data, views=cfg.data.views, load_images=False, **kw)
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(str(e)) from None
+    kw.update(views=full.view_names, load_images=load_images)
     train_ids, val_ids = split_by_episode(full.episode_ids, cfg.data.val_ratio, cfg.run.seed, full.episode_has_sensor)
     train = IntegratedDataset(cfg.data.data, episode_ids=set(train_ids), **kw)
     val = IntegratedDataset(cfg.data.data, episode_ids=set(val_ids), **kw) if val_ids else None
-    return train, val
+    return full, train, val
+
+
+def open_cache(cfg: TrainConfig, sample_ids: list[str], rank: int):
+    """Collective. The VL cache reader when --cache-policy lets it stand in for the backbone, else
+    None. Rank 0 decides (and logs why) so every rank makes the same choice."""
+    from vla_ds.cache import cache_dir_of, open_cache_for_training
+    from vla_ds.cache_store import CacheReader
+
+    decision = [None]
+    if rank == 0:
+        try:
+            decision = [open_cache_for_training(cfg, sample_ids) is not None]
+        except UsageError as e:
+            decision = [str(e)]
+    dist.broadcast_object_list(decision, src=0)
+    if isinstance(decision[0], str):
+        raise UsageError(decision[0])
+    return CacheReader(cache_dir_of(cfg)) if decision[0] else None
 
 
 class Trainer:
@@ -140,6 +163,54 @@ class Trainer:
         )
         self._build_engine()
         self.state = TrainState()
+        self._saved_step = -1
+        self._resume()
+
+    def _resume(self) -> None:
+        """Collective. Continue from a checkpoint when --resume finds one."""
+        from vla_ds.train.checkpoint import load_checkpoint, resolve_resume
+        from vla_ds.train.metrics import truncate_metrics
+
+        step_dir = resolve_resume(self.cfg.run.resume, self.run_dir)
+        if step_dir is None:
+            return
+        saved = load_checkpoint(self, step_dir)
+        st = self.state
+        st.step, st.epoch, st.consumed = saved["step"], saved["epoch"], saved["consumed"]
+        st.best_val_loss, st.wandb_run_id = saved["best_val_loss"], saved["wandb_run_id"]
+        self._saved_step = st.step
+        if self.rank == 0:
+            truncate_metrics(self.run_dir, st.step)
+        msg = ""
+        if self.cfg.run.rewarm:
+            msg = f"; lr re-warmed over {self.schedule.rewarm()} steps"
+        log.info("resumed from %s: step %d, epoch %d, %d samples into the epoch%s", step_dir, st.step, st.epoch,
+                 st.consumed, msg)
+
+    def state_for_checkpoint(self) -> dict:
+        """trainer_state.json: everything besides the engine needed to continue exactly."""
+        st = self.state
+        return {
+            "format": 1, "step": st.step, "epoch": st.epoch, "consumed": st.consumed,
+            "best_val_loss": st.best_val_loss, "wandb_run_id": st.wandb_run_id, "world_size": self.world,
+            "micro_batch": self.cfg.data.batch_size, "grad_accum_steps": self.cfg.optim.grad_accum_steps,
+            "total_steps": self.total_steps, "sampler": self.sampler.state_dict(st.consumed),
+            "schedule": self.schedule.state_dict(), "model": self.cfg.model.to_dict(),
+        }
+
+    def checkpoint(self, best: bool = False, final: bool = False) -> None:
+        """Collective. Save this step (once), or only move pointers if it is saved already."""
+        from vla_ds.train.checkpoint import ckpt_root, save_checkpoint, set_pointer, step_name
+
+        if self._saved_step == self.state.step:
+            if self.rank == 0:
+                for flag, name in ((best, "best"), (final, "final")):
+                    if flag:
+                        set_pointer(ckpt_root(self.run_dir), name, step_name(self.state.step))
+            dist.barrier()
+            return
+        save_checkpoint(self, best=best, final=final)
+        self._saved_step = self.state.step
 
     # ------------------------------------------------------------------ set-up
     def _build_model_and_data(self) -> None:
@@ -148,8 +219,20 @@ class Trainer:
         from vla_ds.model.policy import QwenVLA
 
         cfg = self.cfg
-        load_backbone = True
-        self.train_ds, self.val_ds = build_datasets(cfg, cfg.model.sensor_temporal_length, load_images=load_backbone)
+        full, self.train_ds, self.val_ds = build_datasets(cfg, load_images=False)
+        self.cache = None
+        if cfg.run.cache_policy != "off" and not cfg.model.trains_backbone:  # require + lora/full: refused earlier
+            self.cache = open_cache(cfg, full.sample_ids(), self.rank)
+        load_backbone = self.cache is None
+        if self.cache is not None:
+            from vla_ds.cache_store import CachedDataset
+
+            self.train_ds = CachedDataset(self.train_ds, self.cache)
+            self.val_ds = CachedDataset(self.val_ds, self.cache) if self.val_ds is not None else None
+        else:  # the live backbone needs the images
+            for ds in (self.train_ds, self.val_ds):
+                if ds is not None:
+                    ds.load_images = True
         self.model = QwenVLA(cfg.model, self.stats, device=self.device, load_backbone=load_backbone)
         self.param_counts = self.model.parameter_counts()  # before ZeRO-3 partitions the parameters
         if cfg.run.init_from:
@@ -177,6 +260,7 @@ class Trainer:
 
         cfg = self.cfg
         self.engine, self.optimizer = build_engine(self.model, cfg, self.ds_config)
+        self.zero_stage = self.engine.zero_optimization_stage()
         sched_total = self.total_steps if cfg.optim.sched_on == "step" else self.num_epochs
         floor = cfg.optim.min_lr / cfg.optim.lr if cfg.optim.lr > 0 else 0.0
         self.schedule = GroupLRSchedule(self.optimizer, sched_total, cfg.optim.warmup_ratio, cfg.optim.hold_ratio, floor)
@@ -185,9 +269,12 @@ class Trainer:
                  ", ".join(f"{c[:-2]} {v:.2f} M" for c, v in counts.items() if c.endswith("_M") and c not in ("trainable_M", "frozen_M") and v))
 
     def loader(self, dataset, sampler):
+        # A generator of its own: creating the iterator must not draw from the global torch RNG,
+        # or a resumed run's dropout masks would drift from the uninterrupted run's.
+        gen = torch.Generator().manual_seed(self.cfg.run.seed * 100_003 + self.state.epoch)
         return torch.utils.data.DataLoader(
             dataset, batch_size=self.cfg.data.batch_size, sampler=sampler, num_workers=self.cfg.data.num_workers,
-            collate_fn=self.collate, pin_memory=self.device.type == "cuda",
+            collate_fn=self.collate, pin_memory=self.device.type == "cuda", generator=gen,
             persistent_workers=False, prefetch_factor=2 if self.cfg.data.num_workers else None,
         )
 
@@ -295,12 +382,12 @@ class Trainer:
                    "epoch": st.epoch}
             self.logger.log(row, st.step)
             self.last.update(row)
-            if not cfg.run.val_every:
-                self._validate_and_log()
             if cfg.optim.sched_on == "epoch":
                 self.schedule.step()
             st.epoch += 1
             st.consumed = 0
+            improved = self._validate_and_log() if not cfg.run.val_every else False
+            self.checkpoint(best=improved)
 
     def _end_step(self, step: "_Tally", window: "_Tally") -> None:
         """Collective. Bookkeeping after an optimizer step: schedule, metrics, validation."""
@@ -333,29 +420,27 @@ class Trainer:
             self.bar.set_postfix(loss=f"{row['train/loss_step']:.4f}", lr=f"{row['train/lr']:.2e}",
                                  sps=f"{row['train/samples_per_s']:.1f}")
             window.reset()
-        if cfg.run.val_every and st.step % cfg.run.val_every == 0:
-            self._validate_and_log()
+        improved = self._validate_and_log() if cfg.run.val_every and st.step % cfg.run.val_every == 0 else False
+        if improved or (cfg.run.save_every and st.step % cfg.run.save_every == 0):
+            self.checkpoint(best=improved)
+        from vla_ds.train.checkpoint import _fault
 
-    def _validate_and_log(self) -> dict:
+        _fault("kill_at_step", st.step)
+
+    def _validate_and_log(self) -> bool:
+        """Collective. Validate, log, and say whether the validation loss improved (same on every rank)."""
         row = self.validate()
-        if row:
-            self.logger.log(row, self.state.step)
-            self.last.update(row)
-            v = row["val/loss_epoch"]
-            if self.state.best_val_loss is None or v < self.state.best_val_loss:
-                self.state.best_val_loss = v
-            log.info("step %d: val loss %.4f (sensor %.4f, no sensor %.4f)", self.state.step, v,
-                     row["val/loss_sensor"], row["val/loss_nosensor"])
-        return row
-
-    def save_policy(self, out_dir: Path) -> None:
-        """Collective. Gather (ZeRO-3) and write the policy directory on rank 0."""
-        state_dict = None
-        if self.engine.zero_optimization_stage() == 3:
-            state_dict = self.engine._zero3_consolidated_16bit_state_dict()
-        if self.rank == 0:
-            self.model.save_pretrained(out_dir, state_dict=state_dict)
-        dist.barrier()
+        if not row:
+            return False
+        self.logger.log(row, self.state.step)
+        self.last.update(row)
+        v = row["val/loss_epoch"]
+        improved = self.state.best_val_loss is None or v < self.state.best_val_loss
+        if improved:
+            self.state.best_val_loss = v
+        log.info("step %d: val loss %.4f (sensor %.4f, no sensor %.4f)%s", self.state.step, v,
+                 row["val/loss_sensor"], row["val/loss_nosensor"], " best so far" if improved else "")
+        return improved
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -364,6 +449,6 @@ def train(cfg: TrainConfig) -> dict:
     log.info("training %d steps (%d per epoch, %d epochs) on %d process(es); run dir %s", trainer.total_steps,
              trainer.steps_per_epoch, trainer.num_epochs, trainer.world, trainer.run_dir)
     result = trainer.fit()
-    trainer.save_policy(trainer.run_dir / "policy")
-    log.info("policy written to %s", trainer.run_dir / "policy")
+    trainer.checkpoint(final=True)
+    log.info("final policy: %s", trainer.run_dir / "checkpoints" / "final" / "policy")
     return result

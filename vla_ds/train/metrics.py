@@ -89,6 +89,19 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def truncate_metrics(run_dir: str | os.PathLike, max_step: int) -> None:
+    """Drop rows after `max_step` (written by a run that crashed before its next checkpoint), so a
+    resumed run's metrics.jsonl reads as one uninterrupted history."""
+    from vla_ds.utils.io import atomic_file
+
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= max_step]
+    with atomic_file(path) as f:
+        f.write("".join(line + "\n" for line in keep))
+
+
 def system_metrics() -> dict:
     import psutil
     import torch

@@ -37,11 +37,23 @@ class GroupLRSchedule:
         for g, base in zip(optimizer.param_groups, self.base_lrs):
             g["initial_lr"] = base
         self.step_count = 0
+        self.rewarm_start, self.rewarm_steps = 0, 0
         self._apply()
 
     def multiplier(self, step: int | None = None) -> float:
         s = self.step_count if step is None else step
-        return lr_multiplier(s, self.total, self.warmup_ratio, self.hold_ratio, self.floor)
+        m = lr_multiplier(s, self.total, self.warmup_ratio, self.hold_ratio, self.floor)
+        if self.rewarm_steps and s >= self.rewarm_start:
+            m *= min(1.0, (s - self.rewarm_start + 1) / self.rewarm_steps)
+        return m
+
+    def rewarm(self, fraction: float = 0.03) -> int:
+        """Ramp the lr linearly back up to the schedule over `fraction` of the remaining steps
+        (the old trainer did this on every resume; vla-ds only with --rewarm). Returns the steps."""
+        self.rewarm_start = self.step_count
+        self.rewarm_steps = max(1, round(fraction * max(self.total - self.step_count, 0)))
+        self._apply()
+        return self.rewarm_steps
 
     def _apply(self) -> None:
         m = self.multiplier()
@@ -56,10 +68,12 @@ class GroupLRSchedule:
         return [g["lr"] for g in self.optimizer.param_groups]
 
     def state_dict(self) -> dict:
-        return {"step_count": self.step_count, "total": self.total, "base_lrs": list(self.base_lrs)}
+        return {"step_count": self.step_count, "total": self.total, "base_lrs": list(self.base_lrs),
+                "rewarm": [self.rewarm_start, self.rewarm_steps]}
 
     def load_state_dict(self, state: dict) -> None:
         self.step_count = int(state["step_count"])
         self.total = int(state["total"])
         self.base_lrs = list(state["base_lrs"])
+        self.rewarm_start, self.rewarm_steps = state.get("rewarm", [0, 0])
         self._apply()

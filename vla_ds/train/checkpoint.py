@@ -1,0 +1,212 @@
+"""Step checkpoints: atomic, exactly resumable, with latest / best / final pointers.
+
+Layout of `RUN_DIR/checkpoints/`:
+
+    step_000500/
+      ds/step_000500/...       DeepSpeed engine state (`engine.save_checkpoint`): weights, ZeRO
+                               partitions, optimizer state; ds/latest, ds/zero_to_fp32.py
+      policy/                  `QwenVLA.from_pretrained`-loadable: config.json, model.safetensors
+                               (trainable + vla-ds-owned weights, LoRA adapter), stats.json
+      trainer_state.json       step, epoch, samples consumed in the epoch, sampler and lr-schedule
+                               state, best val loss, wandb run id, world size, micro batch,
+                               accumulation, the model config
+      rng/rank_00000.json      python / numpy RNG states of each rank (JSON)
+      rng/rank_00000.safetensors   torch CPU (and CUDA) generator states of each rank
+    latest -> step_000500      relative symlinks, replaced atomically; `best` follows the best
+    best   -> step_000400      validation loss, `final` the end of training (the old trainer's
+    final  -> step_001000      qwen_vla_sensor{,_best,_final}.pt)
+
+Saving is collective: every rank writes its DeepSpeed shards and RNG state into
+`.step_000500.tmp/`; then rank 0 writes the policy and trainer_state.json, renames the directory
+into place and only then moves the pointers. A crash at any moment leaves the previous checkpoint
+and every pointer valid. Nothing is pickled by vla-ds (DeepSpeed's own shards are torch files that
+only DeepSpeed reads back, when you resume your own run).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from vla_ds.errors import UsageError
+from vla_ds.utils.io import write_json
+
+log = logging.getLogger(__name__)
+POINTERS = ("latest", "best", "final")
+STATE_FILE = "trainer_state.json"
+STEP_DIR = re.compile(r"^step_(\d{6,})$")
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def ckpt_root(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+# ------------------------------------------------------------------------------------------ pointers
+def set_pointer(root: Path, name: str, target: str) -> None:
+    """Atomically point `root/name` at the step directory `target` (a relative symlink)."""
+    tmp = root / f".{name}.tmp"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(target, tmp)
+    os.replace(tmp, root / name)
+
+
+def read_pointer(root: Path, name: str) -> Path | None:
+    p = root / name
+    if not p.is_symlink():
+        return None
+    target = root / os.readlink(p)
+    return target if (target / STATE_FILE).is_file() else None
+
+
+def step_dirs(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / STATE_FILE).is_file())
+
+
+# ------------------------------------------------------------------------------------------ RNG
+def rng_state() -> tuple[dict, dict]:
+    """(JSON-able python/numpy state, tensors) of this process's generators."""
+    py = random.getstate()
+    np_state = np.random.get_state()
+    js = {"python": [py[0], list(py[1]), py[2]],
+          "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])]}
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["torch_cuda"] = torch.cuda.get_rng_state()
+    return js, tensors
+
+
+def set_rng_state(js: dict, tensors: dict) -> None:
+    v, state, gauss = js["python"]
+    random.setstate((v, tuple(state), gauss))
+    name, keys, pos, has_gauss, cached = js["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch_cpu"])
+    if "torch_cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["torch_cuda"])
+
+
+# ------------------------------------------------------------------------------------------ saving
+def _fault(kind: str, step: int) -> None:
+    """Test hook: VLA_DS_FAULT=<kind>:<step> SIGKILLs this process there (a real crash)."""
+    spec = os.environ.get("VLA_DS_FAULT", "")
+    if spec == f"{kind}:{step}" and (kind != "crash_in_save" or dist.get_rank() == 0):
+        import signal
+
+        logging.shutdown()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def save_checkpoint(trainer, best: bool = False, final: bool = False) -> Path:
+    """Collective. Write checkpoints/step_NNNNNN atomically, then move the pointers."""
+    from safetensors.torch import save_file
+
+    root = ckpt_root(trainer.run_dir)
+    name = step_name(trainer.state.step)
+    tmp = root / f".{name}.tmp"
+    rank = trainer.rank
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crash in an earlier save
+        (tmp / "rng").mkdir(parents=True)
+    dist.barrier()
+    trainer.engine.save_checkpoint(str(tmp / "ds"), tag=name)
+    js, tensors = rng_state()
+    write_json(tmp / "rng" / f"rank_{rank:05d}.json", js)
+    save_file(tensors, str(tmp / "rng" / f"rank_{rank:05d}.safetensors"))
+    state_dict = trainer.engine._zero3_consolidated_16bit_state_dict() if trainer.zero_stage == 3 else None
+    if rank == 0:
+        trainer.model.save_pretrained(tmp / "policy", state_dict=state_dict)
+    dist.barrier()
+    _fault("crash_in_save", trainer.state.step)
+    if rank == 0:
+        write_json(tmp / STATE_FILE, trainer.state_for_checkpoint())
+        final_dir = root / name
+        if final_dir.exists():  # the same step saved again (e.g. epoch end == --save-every)
+            old = root / f".{name}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final_dir, old)
+            os.rename(tmp, final_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final_dir)
+        set_pointer(root, "latest", name)
+        if best:
+            set_pointer(root, "best", name)
+        if final:
+            set_pointer(root, "final", name)
+        prune(root, trainer.cfg.run.keep_last)
+        log.info("checkpoint %s%s%s", final_dir, " (best)" if best else "", " (final)" if final else "")
+    dist.barrier()
+    return root / name
+
+
+def prune(root: Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` step directories, never one a pointer names."""
+    if keep_last <= 0:
+        return
+    pinned = {read_pointer(root, p) for p in POINTERS} - {None}
+    for old in step_dirs(root)[:-keep_last]:
+        if old not in pinned:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------ resume
+def resolve_resume(spec: str, run_dir: Path) -> Path | None:
+    """--resume auto|none|PATH -> a step directory, or None to start fresh."""
+    if spec == "none":
+        return None
+    if spec == "auto":
+        return read_pointer(ckpt_root(run_dir), "latest")
+    p = Path(spec)
+    for cand in (p, p / "latest", p / "checkpoints" / "latest"):
+        if (cand / STATE_FILE).is_file():
+            return cand.resolve()
+    raise UsageError(f"--resume {spec}: not a checkpoint (no {STATE_FILE}); give a step directory or a run directory")
+
+
+def check_compatible(saved: dict, trainer) -> None:
+    """One-line refusals for a checkpoint that cannot continue this run."""
+    if saved["world_size"] != trainer.world:
+        raise UsageError(
+            f"--resume: the checkpoint was written by {saved['world_size']} process(es), this run has {trainer.world}; "
+            f"resume with {saved['world_size']} processes, or convert it with `vla-ds convert CHECKPOINT OUT` and start "
+            "a new run with --init-from OUT (fresh optimizer)"
+        )
+    current = trainer.cfg.model.to_dict()
+    diff = [f"{k} ({saved['model'].get(k)!r} -> {current.get(k)!r})" for k in sorted(set(saved["model"]) | set(current))
+            if saved["model"].get(k) != current.get(k)]
+    if diff:
+        raise UsageError(f"--resume: the checkpoint's model differs: {', '.join(diff)}; use the same model flags or "
+                         "--init-from for a new run")
+
+
+def load_checkpoint(trainer, step_dir: Path) -> dict:
+    """Collective. Restore engine, optimizer, schedule, sampler position, RNG and bookkeeping."""
+    from safetensors.torch import load_file
+
+    saved = json.loads((step_dir / STATE_FILE).read_text())
+    check_compatible(saved, trainer)
+    load_path, _ = trainer.engine.load_checkpoint(str(step_dir / "ds"), tag=step_dir.name,
+                                                  load_optimizer_states=True, load_lr_scheduler_states=False)
+    if load_path is None:
+        raise UsageError(f"--resume {step_dir}: DeepSpeed found no engine state in {step_dir / 'ds'}")
+    trainer.schedule.load_state_dict(saved["schedule"])
+    trainer.sampler.load_state_dict(saved["sampler"])
+    rng = step_dir / "rng" / f"rank_{trainer.rank:05d}"
+    set_rng_state(json.loads(rng.with_suffix(".json").read_text()), load_file(str(rng.with_suffix(".safetensors"))))
+    return saved
