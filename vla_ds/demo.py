@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import subprocess
 import sys
 import time
@@ -125,13 +124,14 @@ def run_demo(out: str | Path, seed: int = 0, train_steps: int = 40) -> dict:
     killed = torchrun(head_args, env={"VLA_DS_FAULT": "kill_at_step:15"})
     if killed.returncode == 0:
         raise RuntimeError("demo: the injected crash did not happen")
-    log.info("      killed (exit %d); checkpoints/latest -> %s", killed.returncode,
-             os.readlink(head_run / "checkpoints" / "latest"))
-    resumed = torchrun(head_args)
+    latest = os.readlink(head_run / "checkpoints" / "latest")
+    log.info("      killed (exit %d); checkpoints/latest -> %s", killed.returncode, latest)
+    resumed = torchrun(head_args)  # --resume auto continues from latest
     _check(resumed, "resumed training")
+    if "resumed from" not in resumed.stderr:
+        raise RuntimeError("demo: the second run did not resume from the checkpoint")
     head = _losses(head_run)
-    at = re.search(r"resumed from \S+: step (\d+)", resumed.stderr)
-    head["resumed_at"] = int(at.group(1)) if at else None
+    head["resumed_at"] = int(latest.removeprefix("step_"))
     log.info("      resumed from step %s and finished: loss %.3f -> %.3f over %d steps; curves %s", head["resumed_at"],
              head["first_loss"], head["last_loss"], head["steps"], plot_run(head_run))
 

@@ -9,7 +9,8 @@ from tests.train.conftest import SMALL, losses, run_training
 pytestmark = pytest.mark.slow
 
 
-def test_cache_mode_matches_live_mode_and_learns(tmp_path, learn_data, tiny_model_dir):
+@pytest.mark.parametrize("preset", ["zero2", "zero3"])
+def test_cache_mode_matches_live_mode_and_learns(preset, tmp_path, learn_data, tiny_model_dir):
     from vla_ds.cache import build_cache
     from vla_ds.config import TrainConfig
 
@@ -22,9 +23,11 @@ def test_cache_mode_matches_live_mode_and_learns(tmp_path, learn_data, tiny_mode
             "--fusion-strategy", "cross_attention", "--max-steps", "30", "--batch-size", "2", "--grad-accum-steps", "1",
             "--log-every", "1", "--val-ratio", "0", "--head-dropout", "0", "--lr", "3e-3", "--sensor-lr", "3e-3",
             *SMALL]
-    proc, cached = run_training([*args, "--output-dir", str(tmp_path / "cached"), "--cache-policy", "require"])
+    proc, cached = run_training([*args, "--output-dir", str(tmp_path / "cached"), "--cache-policy", "require",
+                                 "--ds-config", preset])
     assert "the backbone's weights are not needed" in proc.stderr
-    _, live = run_training([*args, "--output-dir", str(tmp_path / "live"), "--cache-policy", "off", "--max-steps", "3"])
+    _, live = run_training([*args, "--output-dir", str(tmp_path / "live"), "--cache-policy", "off", "--max-steps", "3",
+                            "--ds-config", "zero2"])
     lc, ll = losses(cached), losses(live)
     assert lc[0] == pytest.approx(ll[0], rel=1e-5), "same weights, same batch: same first-step loss"
     assert lc[1] == pytest.approx(ll[1], rel=1e-4)

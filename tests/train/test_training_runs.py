@@ -35,6 +35,10 @@ CASES = {
     "zero2-full-vision-sensor-concat": ("zero2", ["--finetune-vl", "full", "--sensor-enabled"]),
     "zero3-none-sensor-gated": ("zero3", ["--finetune-vl", "none", "--sensor-enabled", "--fusion-strategy", "gated", "--cache-policy", "off"]),
     "zero2-none-nosensor": ("zero2", ["--finetune-vl", "none", "--cache-policy", "off"]),
+    # the presets docs/training.md recommends for a full finetune on one GPU and for the largest runs:
+    # DeepSpeedCPUAdam on offloaded optimizer state (and parameters)
+    "zero2_offload-full-sensor-concat": ("zero2_offload", ["--finetune-vl", "full", "--sensor-enabled", "--vision-lr", "0"]),
+    "zero3_offload-lora-nosensor": ("zero3_offload", ["--finetune-vl", "lora"]),
 }
 
 
