@@ -35,6 +35,25 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+# Directories whose tests run tiny models in-process: their ops are far too small to gain from a
+# second OpenMP thread, and on a shared 2-core machine every barrier waits for a descheduled
+# thread (tests/model: 23 s with one thread vs 68 s with two, under load).
+ONE_THREAD_DIRS = {"model", "convert"}
+
+
+@pytest.fixture(autouse=True)
+def _one_intra_op_thread(request):
+    import torch
+
+    if request.node.path.parent.name not in ONE_THREAD_DIRS:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return _REPO

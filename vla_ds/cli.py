@@ -45,20 +45,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_command(name: str, args: argparse.Namespace, run) -> int:
+    """Set up logging and run `run(args)`; bad input ends as one line and exit code 2."""
     from vla_ds.utils.logging import setup_logging
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
     setup_logging(args.verbose)
     try:
-        return int(args.run(args) or 0)
+        return int(run(args) or 0)
     except UsageError as e:
-        log.error("vla-ds %s: %s", args.command, e)
+        log.error("vla-ds %s: %s", name, e)
         return 2
     except KeyboardInterrupt:
-        log.error("vla-ds %s: interrupted", args.command)
+        log.error("vla-ds %s: interrupted", name)
         return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_command(args.command, args, args.run)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -48,11 +48,9 @@ def make_recordings(root: Path, seed: int) -> list[Path]:
 
 def torchrun(args: list[str], nproc: int = 2, env: dict | None = None) -> subprocess.CompletedProcess:
     """`torchrun --nproc_per_node N -m vla_ds.train ARGS` on CPU (a free port, one thread per rank)."""
-    import socket
+    from vla_ds.utils.dist import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port),
            "-m", "vla_ds.train", *args]
     log.info("      torchrun --nproc_per_node %d -m vla_ds.train %s", nproc, " ".join(args))

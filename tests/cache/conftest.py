@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,10 +17,7 @@ import torch
 SHARD_SIZE, BATCH, TOKENS = 4, 3, 5
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from vla_ds.utils.dist import free_port  # noqa: E402,F401  (re-exported for the tests here)
 
 
 @pytest.fixture(scope="session")

@@ -31,13 +31,6 @@ def zero3_run(tmp_path_factory, train_data, tiny_model_dir) -> Path:  # noqa: F8
     return train_run(tmp_path_factory.mktemp("convert_runs"), train_data, tiny_model_dir, 3)
 
 
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread():
-    # tiny models: a second OpenMP thread only adds barrier waits on a shared 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def sample_batch(data: str | Path, n: int = 4):

@@ -31,15 +31,6 @@ def _quiet_bitsandbytes():
     logger.removeFilter(f)
 
 
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread():
-    # The tiny models' ops are far too small to gain from a second thread, and on a shared 2-core
-    # machine every OpenMP barrier waits for a descheduled thread: measured 23 s with one thread
-    # vs 68 s with two for this directory under load.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

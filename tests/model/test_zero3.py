@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -45,10 +44,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from vla_ds.utils.dist import free_port as _free_port  # noqa: E402
 
 
 def test_policy_trains_under_zero3(tiny_model_dir, repo_root, tmp_path):

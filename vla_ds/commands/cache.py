@@ -72,20 +72,13 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m vla_ds.cache` (e.g. under torchrun): the same flags as `vla-ds cache`."""
+    from vla_ds.cli import run_command
     from vla_ds.commands import HELP_FORMAT
-    from vla_ds.errors import UsageError
-    from vla_ds.utils.logging import setup_logging
 
     p = argparse.ArgumentParser(prog="python -m vla_ds.cache", description=__doc__, formatter_class=HELP_FORMAT)
     add_cache_flags(p)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging with timestamps and ranks")
-    args = p.parse_args(argv)
-    setup_logging(args.verbose)
-    try:
-        return run(args)
-    except UsageError as e:
-        log.error("vla-ds cache: %s", e)
-        return 2
+    return run_command("cache", p.parse_args(argv), run)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -8,21 +8,15 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 
 import torch
 
 from vla_ds.config import TrainConfig
 from vla_ds.errors import UsageError
 from vla_ds.train.ds_config import offloads_optimizer, offloads_params, zero_stage
+from vla_ds.utils.dist import free_port
 
 log = logging.getLogger(__name__)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def init_distributed() -> tuple[int, int, int]:
@@ -32,7 +26,7 @@ def init_distributed() -> tuple[int, int, int]:
 
     if "RANK" not in os.environ:  # not launched: a group of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)

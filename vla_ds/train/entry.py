@@ -7,13 +7,9 @@ working: `--mode cache` builds the VL feature cache with the same flags.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from vla_ds.commands import HELP_FORMAT
-from vla_ds.errors import UsageError
-
-log = logging.getLogger("vla_ds")
 
 
 def build_parser(require_mode: bool, prog: str = "python -m vla_ds.train") -> argparse.ArgumentParser:
@@ -52,15 +48,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vla_ds.utils.logging import setup_logging
+    from vla_ds.cli import run_command
 
-    args = build_parser(require_mode=True).parse_args(argv)
-    setup_logging(args.verbose)
-    try:
-        return run(args)
-    except UsageError as e:
-        log.error("vla-ds train: %s", e)
-        return 2
+    return run_command("train", build_parser(require_mode=True).parse_args(argv), run)
 
 
 if __name__ == "__main__":  # pragma: no cover

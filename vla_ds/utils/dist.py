@@ -2,7 +2,15 @@
 from __future__ import annotations
 
 import contextlib
+import socket
 from typing import Iterator
+
+
+def free_port() -> int:
+    """A TCP port on localhost that is free right now (for MASTER_PORT of a local launch)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
