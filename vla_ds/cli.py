@@ -26,6 +26,8 @@ SUBCOMMANDS = {
     "train": "vla_ds.commands.train",
     "plot": "vla_ds.commands.plot",
     "convert": "vla_ds.commands.convert",
+    "profile": "vla_ds.commands.profile",
+    "plan": "vla_ds.commands.plan",
 }
 
 

@@ -93,11 +93,17 @@ def check_backbone_path(path: str | os.PathLike) -> None:
 
 
 def read_backbone_config(path: str | os.PathLike):
-    """The backbone's `Qwen2_5_VLConfig` alone (no weights), e.g. for VL-cache mode."""
+    """The backbone's `Qwen2_5_VLConfig` alone (no weights), e.g. for VL-cache mode; `path` is a
+    model directory, a hub id, or a config.json file."""
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(path)
+        if Path(path).is_file():  # a bare config.json (e.g. for `vla-ds plan`)
+            from transformers import Qwen2_5_VLConfig
+
+            config = Qwen2_5_VLConfig.from_json_file(str(path))
+        else:
+            config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise ValueError(f"--backbone {path}: cannot read a Qwen2.5-VL config there ({e})") from None
     if getattr(config, "model_type", None) != "qwen2_5_vl":

@@ -66,18 +66,22 @@ class QwenVLA(nn.Module):
     """
 
     def __init__(self, config: ModelConfig, stats: NormStats | None = None, device: torch.device | str | None = None,
-                 load_backbone: bool = True):
+                 load_backbone: bool = True, vl_model=None):
         super().__init__()
         self.config = config
         device = torch.device(device) if device is not None else _default_device()
-        check_backbone_path(config.backbone)
-        if load_backbone:
+        if vl_model is None:
+            check_backbone_path(config.backbone)
+        if load_backbone or vl_model is not None:
             from vla_ds.model.processor import load_processor
 
-            model = load_vl_model(config.backbone, resolve_dtype(config.dtype, device), config.attn_implementation,
-                                  device, load_in_8bit=config.load_in_8bit)
+            # `vl_model`: a Qwen2.5-VL built by the caller (e.g. on the meta device, to count
+            # parameters for `vla-ds plan`); such a policy has no processor and cannot encode images.
+            model = vl_model if vl_model is not None else load_vl_model(
+                config.backbone, resolve_dtype(config.dtype, device), config.attn_implementation, device,
+                load_in_8bit=config.load_in_8bit)
             apply_finetune(model, config)
-            processor = load_processor(config.backbone, config.min_pixels, config.max_pixels)
+            processor = load_processor(config.backbone, config.min_pixels, config.max_pixels) if vl_model is None else None
             self.vl = VLEncoder(model, processor, config.vl_feature_layer, config.memory_tokens)
             self.vl_dim = self.vl.hidden_size
             # Fixed at build time from the config, so freezing the policy later (e.g. for

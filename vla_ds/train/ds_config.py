@@ -4,7 +4,9 @@ The files in `ds_configs/` leave every value that depends on the run as "auto":
 `train_micro_batch_size_per_gpu` (--batch-size), `gradient_accumulation_steps`
 (--grad-accum-steps), `train_batch_size` (micro x accum x world), `gradient_clipping`
 (--grad-clip), precision (bf16 where the device supports it, fp32 on CPU), the optimizer's lr and
-weight decay, and ZeRO-3 bucket sizes (from the backbone's hidden size, like HF's integration).
+weight decay, and ZeRO bucket sizes (hidden_size^2 elements, like HF's integration: for the 3B, 8 MiB
+in bf16 instead of DeepSpeed's 2e8-element default, which ZeRO-2 allocates twice as gradient
+buckets -- 0.8 GiB of a 24 GiB card).
 A number written in the file is kept, but must agree with the batch rule. DeepSpeed does not
 check top-level keys, so a typo there would be silently ignored: vla-ds refuses unknown keys.
 Keys starting with "_" are comments (e.g. "_launch": the command to use the file) and dropped.
@@ -136,6 +138,7 @@ def resolve_ds_config(
     if hidden_size:
         auto_sizes = {
             "reduce_bucket_size": hidden_size * hidden_size,
+            "allgather_bucket_size": hidden_size * hidden_size,
             "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
             "stage3_param_persistence_threshold": 10 * hidden_size,
         }

@@ -281,6 +281,14 @@ class Trainer:
     # ------------------------------------------------------------------ steps
     def micro_step(self, batch: dict) -> tuple[float, int]:
         """Collective. Forward + backward of one micro batch; returns (weighted loss, sensor samples)."""
+        loss, has = self.forward_loss(batch)
+        self.engine.backward(loss)
+        self.engine.step()
+        return float(loss.detach()), int(has.sum())
+
+    def forward_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Collective. The weighted loss of one micro batch and its has-sensor flags; a non-finite
+        loss on any rank stops every rank."""
         from vla_ds.train.loss import sample_weights, weighted_loss
 
         out = self.engine(batch)
@@ -293,9 +301,7 @@ class Trainer:
             raise FloatingPointError(
                 f"non-finite loss at step {self.state.step}, epoch {self.state.epoch} on rank {self.rank}: {where}"
             )
-        self.engine.backward(loss)
-        self.engine.step()
-        return float(loss.detach()), int(has.sum())
+        return loss, has
 
     @torch.no_grad()
     def validate(self) -> dict:
