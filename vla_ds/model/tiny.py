@@ -201,24 +201,47 @@ def build_image_processor(spec: TinySpec):
     return Qwen2VLImageProcessorPil(min_pixels=spec.min_pixels, max_pixels=spec.max_pixels)
 
 
-def write_tiny_model(out_dir: str | os.PathLike, seed: int = 0, spec: TinySpec | None = None) -> Path:
+def full_size_config(config_json: str | os.PathLike, tokenizer):
+    """A published Qwen2.5-VL config.json (e.g. 3B-Instruct) with its special token ids mapped to
+    the offline tokenizer's: the architecture, vocabulary size included, is unchanged."""
+    from transformers import Qwen2_5_VLConfig
+
+    config = Qwen2_5_VLConfig.from_json_file(str(config_json))
+    ids = build_config(TinySpec(), tokenizer)
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id", "vision_start_token_id", "vision_end_token_id",
+                "vision_token_id", "image_token_id", "video_token_id"):
+        setattr(config, key, getattr(ids, key))
+        if hasattr(config, "text_config") and hasattr(config.text_config, key):
+            setattr(config.text_config, key, getattr(ids, key))
+    return config
+
+
+def write_tiny_model(out_dir: str | os.PathLike, seed: int = 0, spec: TinySpec | None = None,
+                     config_json: str | os.PathLike | None = None, dtype=None, max_pixels: int | None = None) -> Path:
     """Write a complete, loadable tiny Qwen2.5-VL model directory to `out_dir` and return its path.
 
-    The directory is assembled in a temporary sibling and renamed into place, so an interrupted
-    call never leaves a half-written model behind. An existing `out_dir` is replaced.
+    With `config_json` (a published config such as the 3B's) the same offline tokenizer and
+    processor come with a randomly initialised model of that full size instead, in `dtype` (for
+    memory and speed benchmarks; never a model to use). The directory is assembled in a temporary
+    sibling and renamed into place, so an interrupted call never leaves a half-written model
+    behind. An existing `out_dir` is replaced.
     """
+    import dataclasses
+
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from vla_ds.model.processor import ImageOnlyQwenVLProcessor
 
     spec = spec or TinySpec()
+    if max_pixels:
+        spec = dataclasses.replace(spec, max_pixels=max_pixels)
     out_dir = Path(out_dir)
     tokenizer = build_tokenizer()
-    config = build_config(spec, tokenizer)
+    config = full_size_config(config_json, tokenizer) if config_json else build_config(spec, tokenizer)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration(config).eval()
+        model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype or torch.float32).eval()
     processor = ImageOnlyQwenVLProcessor(image_processor=build_image_processor(spec), tokenizer=tokenizer)
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
