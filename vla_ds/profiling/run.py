@@ -229,4 +229,6 @@ def profile(cfg: TrainConfig, opts: ProfileOptions) -> dict:
         write_reports(result, run_dir, suffix="" if rank == 0 else f"_rank{rank}")
     if status != "ok":
         raise ProfileOOM(error)
+    if dist.is_initialized():
+        dist.barrier()  # leave together: a rank tearing down gloo while rank 0 still writes can abort it
     return result
