@@ -114,6 +114,33 @@ def test_writing_over_an_existing_model_replaces_it_whole(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["m"], "no temporary directories left behind"
 
 
+def test_published_config_keeps_its_architecture_with_the_offline_tokenizer(tmp_path):
+    """`config_json` (the GPU benchmark's 3B path), on a shrunken copy of the published 3B config:
+    its sizes and vocabulary come through unchanged, its special ids become the tokenizer's, and the
+    directory loads and runs with the stock classes."""
+    from vla_ds.commands.plan import DEFAULT_BACKBONE
+
+    published = json.loads(open(DEFAULT_BACKBONE).read())
+    small = dict(published, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]})
+    small["vision_config"] = dict(published["vision_config"], depth=2, hidden_size=32, intermediate_size=48,
+                                  num_heads=2, out_hidden_size=64, fullatt_block_indexes=[1])
+    (tmp_path / "config.json").write_text(json.dumps(small))
+    out = write_tiny_model(tmp_path / "m", config_json=tmp_path / "config.json", dtype=torch.bfloat16)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(out).eval()
+    assert model.dtype == torch.bfloat16
+    text = model.config.text_config
+    assert (text.vocab_size, text.hidden_size, text.intermediate_size) == (151936, 64, 96)
+    assert model.config.vision_config.window_size == published["vision_config"]["window_size"]
+    processor = AutoProcessor.from_pretrained(out)
+    tok = processor.tokenizer
+    assert text.bos_token_id == tok.convert_tokens_to_ids("<|endoftext|>") != published["bos_token_id"]
+    assert model.config.image_token_id == tok.convert_tokens_to_ids("<|image_pad|>")
+    with torch.no_grad():
+        hidden = model(**_inputs(processor, [synthetic_view(0)]), output_hidden_states=True).hidden_states[-1]
+    assert hidden.shape[-1] == 64 and torch.isfinite(hidden.float()).all()
+
+
 def test_spec_validation():
     with pytest.raises(ValueError, match="even heads"):
         TinySpec(hidden_size=60, num_heads=8)

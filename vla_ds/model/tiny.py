@@ -141,11 +141,25 @@ def build_tokenizer():
     return tok
 
 
+def special_token_ids(tokenizer) -> dict[str, int]:
+    """The config's special token ids (bos, eos, pad, vision and image/video) as the tokenizer's ids."""
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
+    return {
+        "bos_token_id": ids["<|endoftext|>"],
+        "eos_token_id": ids["<|im_end|>"],
+        "pad_token_id": ids["<|endoftext|>"],
+        "vision_start_token_id": ids["<|vision_start|>"],
+        "vision_end_token_id": ids["<|vision_end|>"],
+        "vision_token_id": ids["<|vision_pad|>"],
+        "image_token_id": ids["<|image_pad|>"],
+        "video_token_id": ids["<|video_pad|>"],
+    }
+
+
 def build_config(spec: TinySpec, tokenizer):
     """A `Qwen2_5_VLConfig` whose special token ids are the tokenizer's ids."""
     from transformers import Qwen2_5_VLConfig
 
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
     vocab = -(-len(tokenizer) // 64) * 64  # padded like the real vocabulary (151936 > 151665)
     head_dim = spec.hidden_size // spec.num_heads
     return Qwen2_5_VLConfig.from_dict(
@@ -166,14 +180,7 @@ def build_config(spec: TinySpec, tokenizer):
             "vocab_size": vocab,
             "tie_word_embeddings": True,
             "use_cache": True,
-            "bos_token_id": ids["<|endoftext|>"],
-            "eos_token_id": ids["<|im_end|>"],
-            "pad_token_id": ids["<|endoftext|>"],
-            "vision_start_token_id": ids["<|vision_start|>"],
-            "vision_end_token_id": ids["<|vision_end|>"],
-            "vision_token_id": ids["<|vision_pad|>"],
-            "image_token_id": ids["<|image_pad|>"],
-            "video_token_id": ids["<|video_pad|>"],
+            **special_token_ids(tokenizer),
             "vision_config": {
                 "depth": spec.vision_depth,
                 "hidden_size": spec.vision_hidden_size,
@@ -207,12 +214,12 @@ def full_size_config(config_json: str | os.PathLike, tokenizer):
     from transformers import Qwen2_5_VLConfig
 
     config = Qwen2_5_VLConfig.from_json_file(str(config_json))
-    ids = build_config(TinySpec(), tokenizer)
-    for key in ("bos_token_id", "eos_token_id", "pad_token_id", "vision_start_token_id", "vision_end_token_id",
-                "vision_token_id", "image_token_id", "video_token_id"):
-        setattr(config, key, getattr(ids, key))
-        if hasattr(config, "text_config") and hasattr(config.text_config, key):
-            setattr(config.text_config, key, getattr(ids, key))
+    # Which level holds which id moved between transformers releases (5.24 keeps bos/eos/pad on
+    # text_config only): set each wherever the config has it.
+    for key, value in special_token_ids(tokenizer).items():
+        for level in (config, getattr(config, "text_config", None)):
+            if level is not None and hasattr(level, key):
+                setattr(level, key, value)
     return config
 
 
