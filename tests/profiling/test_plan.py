@@ -25,7 +25,8 @@ def test_counts_only_trainable_parameters_for_optimizer_state(base):
     assert not full.fits and lora.fits
 
 
-@pytest.mark.parametrize("gpu_mem, preset", [(80, "zero2"), (24, "zero2_offload"), (12, "zero3_offload")])
+@pytest.mark.parametrize("gpu_mem, preset", [(80, "zero2"), (24, "zero2_offload"), (12, "zero2_offload"),
+                                             (8, "zero3_offload")])
 def test_full_finetune_recommendation_follows_gpu_memory(base, gpu_mem, preset):
     rec = recommend(plan(DEFAULT_BACKBONE, base, gpu_mem, modes=("full-all",)))["full-all"]
     assert rec is not None and rec.preset == preset and rec.needed_gib <= gpu_mem
