@@ -182,3 +182,30 @@ def test_checkpointing_gives_the_same_gradients(small_config, make_batch):
     for n in grads[0]:
         assert grads[0][n].abs().sum() > 0, n
         torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_frozen_parts_keep_no_graph_under_checkpointing(small_config, make_batch, mode):
+    """Autograd starts at the first trainable parameter: the frozen vision tower's output and (full,
+    last block only) the first LM block's output carry no graph, so they keep no activations and run no
+    backward; the trained parts still get gradients."""
+    policy = QwenVLA(small_config(finetune_vl=mode, unfreeze_last_n=1), device="cpu")
+    model = policy.vl.model.model
+    assert _checkpointing_flags(policy) == {True}
+    seen = {}
+
+    def record(name):
+        def hook(module, args, output):
+            out = output if isinstance(output, torch.Tensor) else output[0]  # a tuple or a ModelOutput
+            seen[name] = out.requires_grad
+        return hook
+
+    model.visual.register_forward_hook(record("vision"))
+    model.language_model.layers[0].register_forward_hook(record("lm block 0"))
+    model.language_model.layers[1].register_forward_hook(record("lm block 1"))
+    policy(make_batch(2)).per_sample_loss.sum().backward()
+    assert seen["vision"] is False
+    assert seen["lm block 0"] is (mode == "lora")  # LoRA adapts block 0; full trains block 1 only
+    assert seen["lm block 1"] is True
+    trained = [p for n, p in policy.named_parameters() if n.startswith("vl.") and p.requires_grad]
+    assert trained and all(p.grad is not None for p in trained)
