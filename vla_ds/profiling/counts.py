@@ -29,6 +29,7 @@ class Counts:
     quantized_rows: int  # their output rows (one fp32 scale each)
     persistent: int  # elements of parameters ZeRO-3 keeps whole on every rank (below the persistence threshold)
     largest_layer: int  # the largest block ZeRO-3 gathers at once (one LM decoder layer for the 3B)
+    embedding: int  # the input embedding, gathered whole by ZeRO-3 before the first layer (311 M for the 3B)
     largest_trainable: int  # the largest trainable parameter (ZeRO-2 offload's gradient staging buffers)
     trained_lm_layers: int  # LM layers from the first trainable one to the last (their activations are kept)
     trained_vision_layers: int
@@ -71,6 +72,7 @@ def count_parameters(bb_config, model_cfg: ModelConfig, persistence_threshold: i
     return Counts(
         total=total, trainable=trainable, head=head, quantized=quantized, quantized_rows=rows,
         persistent=persistent, largest_layer=max(layer_sizes, default=0),
+        embedding=hf.get_input_embeddings().weight.numel(),
         largest_trainable=max((p.numel() for p in params.values() if p.requires_grad), default=0),
         trained_lm_layers=_trained_from_first(lm.layers), trained_vision_layers=_trained_from_first(visual.blocks),
         lm_layers=len(lm.layers),

@@ -8,6 +8,7 @@ DeepSpeed 0.19 allocates (and `vla-ds profile` counts tensor by tensor):
     preset         parameters             gradients              optimizer states (fp32 master + Adam m, v)
     zero2          P w (int8: 1 B)        T w / N + 2 buckets    12 T / N
     zero3          P w / N + persistent   T w / N + 1 bucket     12 T / N
+                   (+ gathered: 2 layers or the embedding, + the prefetch bucket)
     *_offload      as above (zero3_offload: on the host)        on the host, with the fp32 gradients
     (bf16 adds the fp32 gradient partition, 4 T / N, that the optimizer step reads)
 
@@ -28,7 +29,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from vla_ds.model.config import ModelConfig
-from vla_ds.profiling.activations import Workload, activation_bytes, head_activation_bytes
+from vla_ds.profiling.activations import Workload, activation_bytes, cache_activation_bytes
 from vla_ds.profiling.counts import Counts, count_parameters
 
 GIB = 2**30
@@ -103,8 +104,9 @@ def model_state_estimate(counts: Counts, preset: dict, world: int, width: int, m
     if stage == 3:
         out["parameters"] = -(-weights // world) + counts.persistent * width
         out["gradients"] = part * width + ipg + fp32_grads
-        gathered = counts.largest_layer if mode != "cache" else 0
-        out["buffers"] = 2 * gathered * width + int(zero.get("stage3_prefetch_bucket_size", 0)) * width
+        # gathered at once: the running layer and the prefetched next one, or the embedding before them
+        gathered = max(2 * counts.largest_layer, counts.embedding) if mode != "cache" else 0
+        out["buffers"] = gathered * width + int(zero.get("stage3_prefetch_bucket_size", 0)) * width
     else:
         out["parameters"] = weights
         out["gradients"] = part * width + (2 if zero.get("overlap_comm") else 1) * ipg + fp32_grads
@@ -130,7 +132,7 @@ def estimate(counts: Counts, bb_config, model_cfg: ModelConfig, preset_name: str
     if mode == "cache":
         from vla_ds.model.backbone import hidden_size
 
-        acts = head_activation_bytes(model_cfg, hidden_size(bb_config), micro_batch, width)
+        acts = cache_activation_bytes(model_cfg, hidden_size(bb_config), micro_batch, width)
     else:
         acts = activation_bytes(bb_config, model_cfg, counts, micro_batch, work, width)
     est = Estimate(mode, preset_name, micro_batch, activations=acts, **states)
