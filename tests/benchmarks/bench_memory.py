@@ -76,6 +76,7 @@ def main(argv=None) -> None:
     ap.add_argument("--work", type=Path, default=None, help="keep models/data/runs here (default: a temp dir)")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--rows", nargs="+", default=None, help="labels to run (default: all)")
+    ap.add_argument("--timeout", type=int, default=900, help="seconds per row before it counts as failed")
     args = ap.parse_args(argv)
     gpu = torch.cuda.is_available()
     with tempfile.TemporaryDirectory() as tmp:
@@ -88,8 +89,9 @@ def main(argv=None) -> None:
                 continue
             flags = command(label, micro, preset, extra, backbone, data, work / "runs", args.steps, gpu)
             if mode == "cache":
-                _run([sys.executable, "-m", "vla_ds.train", "--mode", "cache", *_cache_flags(flags)])
-            proc = _run([sys.executable, "-m", "vla_ds.profiling", *flags], check=False)
+                _run([sys.executable, "-m", "vla_ds.train", "--mode", "cache", *_cache_flags(flags)],
+                     timeout=args.timeout)
+            proc = _run([sys.executable, "-m", "vla_ds.profiling", *flags], check=False, timeout=args.timeout)
             path = work / "runs" / label / "profile.json"
             if not path.exists():
                 print(f"{label}: failed (exit {proc.returncode})\n{proc.stderr[-2000:]}")
@@ -99,9 +101,9 @@ def main(argv=None) -> None:
             result["_cmd"] = "vla-ds profile " + " ".join(f.replace(str(work), "$WORK") for f in flags)
             results.append(result)
             print(row(result, gpu))
-        md = table(results, gpu, side, args.steps)
-        print(md)
-        update_section("performance.md", "memory-gpu" if gpu else "memory-cpu", md)
+            # after every row, so that a run cut short (a device lease ending) keeps what it measured
+            update_section("performance.md", "memory-gpu" if gpu else "memory-cpu", table(results, gpu, side, args.steps))
+        print(table(results, gpu, side, args.steps))
 
 
 def _cache_flags(flags: list[str]) -> list[str]:
@@ -118,9 +120,12 @@ def _cache_flags(flags: list[str]) -> list[str]:
     return out
 
 
-def _run(cmd, check=True):
+def _run(cmd, check=True, timeout=None):
     env = dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc = subprocess.CompletedProcess(cmd, 124, "", f"timed out after {timeout} s")
     if check and proc.returncode:
         raise SystemExit(f"{' '.join(cmd[:6])}...: exit {proc.returncode}\n{proc.stderr[-3000:]}")
     return proc
@@ -151,7 +156,10 @@ def row(r: dict, gpu: bool) -> str:
     cells = [r["label"], Path(r["ds_config"]).stem, str(r["micro_batch"]), peak,
              f"{s.get('peak_allocated_gib') or 0:.2f}" if gpu else "–", f"{states:.3f}", f"{planned_states:.3f}",
              f"{planned_states / states:.2f}" if states > 0.001 else "–",
-             f"{est.needed_gib:.2f}" if gpu else "–", f"{s['host_rss_peak_gib']:.2f}",
+             f"{est.needed_gib:.2f}" if gpu else "–",
+             # the planner's allocator total (states + buffers + activations) against the measured peak
+             f"{est.total / gib / s['peak_allocated_gib']:.2f}" if gpu and s.get("peak_allocated_gib") else "–",
+             f"{s['host_rss_peak_gib']:.2f}",
              f"{s['samples_per_s']:.2f}" if s.get("samples_per_s") else "–", f"`{r['_cmd']}`"]
     return "| " + " | ".join(cells) + " |"
 
@@ -160,8 +168,8 @@ def table(results: list[dict], gpu: bool, side: int, steps: int) -> str:
     where = (f"GPU: {torch.cuda.get_device_name(0)}, Qwen2.5-VL-3B architecture with random bf16 weights" if gpu else
              "CPU only (no GPU was lent): tiny backbone, fp32, process RSS; the GPU table below is not yet measured")
     head = ("| run | ds config | micro-batch | peak GiB | allocated GiB | model states GiB (measured) | planned | "
-            "planned/measured | plan needs GiB | host RSS GiB | samples/s | command |\n"
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+            "planned/measured | plan needs GiB | planned total/allocated | host RSS GiB | samples/s | command |\n"
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     body = "\n".join(row(r, gpu) for r in results)
     return (f"### Memory by configuration (`tests/benchmarks/bench_memory.py`)\n\n{where}; {machine()}; 2 views at "
             f"{side} px, {steps} measured steps after 1 warm-up, 1 process. Peak = CUDA reserved on GPU, process RSS on "

@@ -81,10 +81,12 @@ def activation_bytes(bb_config, model_cfg, counts, micro_batch: int, work: Workl
     lm_layer = b * tokens * (7 * h + 4 * i + _lora_copies(model_cfg, h, i))
     vis_layer = b * patches * (5 * hv + 3 * iv)
     checkpointing = model_cfg.use_gradient_checkpointing
+    trained = (  # (trained layers, a layer's set, its input, one activation gradient) of the LM and the vision tower
+        (counts.trained_lm_layers, lm_layer, b * tokens * h, b * tokens * (i + h)),
+        (counts.trained_vision_layers, vis_layer, b * patches * hv, b * patches * (iv + hv)),
+    )
     kept = recompute = 0
-    for layers, layer_set, layer_input, grad in ((counts.trained_lm_layers, lm_layer, b * tokens * h, b * tokens * (i + h)),
-                                                 (counts.trained_vision_layers, vis_layer, b * patches * hv,
-                                                  b * patches * (iv + hv))):
+    for layers, layer_set, layer_input, grad in trained:
         if layers:
             kept += layers * (layer_input if checkpointing else layer_set)
             transient = max(grad, counts.largest_trainable)
