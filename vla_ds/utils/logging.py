@@ -23,7 +23,10 @@ def setup_logging(verbose: bool = False) -> None:
     handler._vla_ds = True  # replace only our own handler on repeated calls (tests call main() often)
     root = logging.getLogger()
     root.handlers[:] = [h for h in root.handlers if not getattr(h, "_vla_ds", False)] + [handler]
-    root.setLevel(level)
+    # -v is vla-ds's own debug output: a DEBUG root would also let every library speak (matplotlib
+    # alone logs one line per font it scores when a chart is drawn).
+    root.setLevel(max(level, logging.INFO))
+    logging.getLogger("vla_ds").setLevel(level)
     for noisy in ("transformers", "deepspeed", "DeepSpeed", "torch.distributed", "urllib3"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
     # bitsandbytes warns at import that an optional CPU 4-bit kernel package is absent; we never use it
