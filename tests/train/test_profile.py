@@ -31,12 +31,15 @@ def profiles(tmp_path_factory, tiny_model_dir, train_data) -> dict[str, dict]:
     root = tmp_path_factory.mktemp("profiles")
     for preset in PRESETS:
         run_dir = root / preset
+        # zero2_offload is the preset one proves fits a 24 GiB card with; on CPU there is nothing to cap
+        limit = ["--gpu-mem-limit", "24"] if preset == "zero2_offload" else []
         proc = run_profile(["--data", str(train_data), "--backbone", str(tiny_model_dir), "--finetune-vl", "full",
                             "--batch-size", "2", "--grad-accum-steps", "1", "--ds-config", preset, "--output-dir",
-                            str(run_dir), "--steps", "2", "--warmup-steps", "1", *SMALL])
+                            str(run_dir), "--steps", "2", "--warmup-steps", "1", *limit, *SMALL])
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
         result = json.loads((run_dir / "profile.json").read_text())
         result["_dir"] = run_dir
+        result["_log"] = proc.stdout + proc.stderr
         out[preset] = result
     return out
 
@@ -108,3 +111,10 @@ def test_planner_within_20_percent_of_measured_model_states(profiles, tiny_model
         assert planned == pytest.approx(measured, rel=0.2), (preset, planned, measured)
         accel = sum(states(r, k, "accelerator") for k in ("parameters", "gradients", "optimizer_states"))
         assert est.model_states == pytest.approx(accel, rel=0.2), (preset, est, accel)
+
+
+def test_gpu_mem_limit_on_cpu_says_it_caps_nothing(profiles):
+    capped, plain = profiles["zero2_offload"], profiles["zero2"]
+    assert capped["gpu_mem_limit_gib"] == 24 and capped["fits"] is None  # no fit claimed from an uncapped RSS
+    assert "on CPU nothing is capped" in capped["_log"]
+    assert plain["gpu_mem_limit_gib"] is None and plain["fits"] is None and "nothing is capped" not in plain["_log"]

@@ -171,7 +171,7 @@ def _summary(cfg: TrainConfig, ds_config: dict, world: int, ranks: list[dict], t
         "offload_param": offloads_params(ds_config),
         "precision": "bf16" if ds_config.get("bf16", {}).get("enabled") else "fp32",
         "gpu_mem_limit_gib": limit,
-        "fits": (status == "ok" and (limit is None or peak / GIB <= limit)) if limit is not None else None,
+        "fits": (status == "ok" and peak / GIB <= limit) if limit is not None and meter.cuda else None,
         "params": params,
         "options": asdict(opts),
         "step_seconds": times,
@@ -198,6 +198,8 @@ def profile(cfg: TrainConfig, opts: ProfileOptions) -> dict:
 
         raise UsageError("--memory-snapshot records the CUDA allocator and needs a GPU; leave it out on CPU")
     apply_gpu_limit(opts.gpu_mem_limit, device)
+    if device.type != "cuda" and opts.gpu_mem_limit is not None:
+        log.warning("--gpu-mem-limit caps the CUDA allocator: on CPU nothing is capped and no fit is reported")
     cfg = for_profiling(cfg, opts)
     meter = MemoryMeter(device)
     if opts.memory_snapshot:
