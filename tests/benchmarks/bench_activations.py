@@ -115,8 +115,7 @@ def measure(bb: Path, mode: str, micro: int, extra: dict, device: torch.device, 
     counts = count_parameters(bb_cfg, cfg, 10 * hidden_size(bb_cfg))
     width = 2 if next(policy.vl.model.parameters()).dtype == torch.bfloat16 else 4
     planned = activation_bytes(bb_cfg, cfg, counts, micro, Workload(2, SIDE, text_tokens), width)
-    return {"measured": measured, "planned": planned, "text_tokens": text_tokens, "seconds": seconds,
-            "checkpointing": cfg.use_gradient_checkpointing}
+    return {"measured": measured, "planned": planned, "text_tokens": text_tokens, "seconds": seconds}
 
 
 def main(argv=None) -> None:

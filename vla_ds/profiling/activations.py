@@ -92,8 +92,8 @@ def activation_bytes(bb_config, model_cfg, counts, micro_batch: int, work: Workl
             transient = max(grad, counts.largest_trainable)
             recompute = max(recompute, (layer_set if checkpointing else 0) + transient)
     frozen = max(lm_layer, vis_layer)  # a layer's working set where nothing keeps a graph
-    trains = model_cfg.finetune_vl != "none" and (counts.trained_lm_layers or counts.trained_vision_layers)
-    backbone = max(kept + recompute + 3 * b * tokens * h, frozen) if trains else frozen
+    # finetune none trains no layer (counts come from the frozen model), so it gets the working set alone
+    backbone = max(kept + recompute + 3 * b * tokens * h, frozen) if kept else frozen
     memory_tokens = tokens if model_cfg.memory_tokens == -1 else max(model_cfg.memory_tokens, 1)
     return int(backbone * width) + head_bytes(model_cfg, h, memory_tokens, b, width)
 
