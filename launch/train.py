@@ -6,7 +6,7 @@
 """
 import sys
 
-from vla_ds.train.entry import main
+from vla_ds.cli.train import launcher_main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(launcher_main())

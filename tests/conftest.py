@@ -1,7 +1,11 @@
-"""Shared fixtures: one tiny Qwen2.5-VL directory per test session, quiet and offline settings."""
+"""Session-wide fixtures, each built once and shared read-only by every test directory: the tiny
+Qwen2.5-VL, the synthetic datasets, and the expensive real runs (multi-process DeepSpeed trainings
+with their checkpoints). Helpers live in tests/helpers/; a test that must modify a shared artefact
+copies it first."""
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +19,10 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(_REPO / ".cache" / "torch_extensions"))
+# One ninja for every JIT build, this interpreter's (pip's ninja, a deepspeed dependency), whatever
+# the caller's PATH: ninja 1.11 (Debian) and 1.13 (pip) hash commands differently, so each switch
+# between them rebuilt every DeepSpeed op (measured: +120 s in the launcher test, +150 s in profile).
+os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
 
 
 def pytest_configure(config):
@@ -65,3 +73,68 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from vla_ds.model.tiny import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("backbone") / "tiny-qwen2.5-vl", seed=0)
+
+
+@pytest.fixture(scope="session")
+def train_data(tmp_path_factory) -> Path:
+    """2 raw sessions with sensor + 2 frame-list sessions without: ~28 samples."""
+    from tests.helpers.datasets import make_train_data
+
+    return make_train_data(tmp_path_factory.mktemp("train_data"))
+
+
+@pytest.fixture(scope="session")
+def learn_data(tmp_path_factory) -> Path:
+    """A learnable task: 5 samples (2 with sensor) that a small head fits in a few dozen steps."""
+    from tests.helpers.datasets import make_learn_data
+
+    return make_learn_data(tmp_path_factory.mktemp("learn_data"))
+
+
+@pytest.fixture(scope="session")
+def learn_data_x4(tmp_path_factory) -> Path:
+    """The same task, each episode 4 times over: 20 samples, 5 distinct; an epoch (and so an
+    epoch-end checkpoint) every 5 optimizer steps at 2 processes x micro-batch 2, not every step."""
+    from tests.helpers.datasets import make_learn_data
+
+    return make_learn_data(tmp_path_factory.mktemp("learn_data_x4"), repeat=4)
+
+
+def _lora_run(root: Path, data: Path, backbone: Path, stage: int) -> Path:
+    """2 processes, LoRA + sensor, 2 optimizer steps, one checkpoint at step 2. A large --vl-lr moves
+    the LoRA adapters well away from their zero init in two steps, so a merge that forgot them
+    would show. Launched the two ways users launch on one machine, so these runs are also the
+    launcher tests' (tests/train/test_launchers.py): ZeRO-2 by launch/train_cpu.sh (torchrun), ZeRO-3
+    by the deepspeed launcher with launch/train.py. Their output is kept in RUN/launch.log."""
+    import subprocess
+
+    from tests.helpers.runs import SMALL
+    from vla_ds.utils.dist import free_port
+
+    out = root / f"zero{stage}"
+    args = ["--data", str(data), "--backbone", str(backbone), "--output-dir", str(out), "--batch-size", "2",
+            "--grad-accum-steps", "1", "--log-every", "1", "--val-ratio", "0", "--max-steps", "2", "--save-every", "2",
+            "--sensor-enabled", "--finetune-vl", "lora", "--lr", "2e-3", "--sensor-lr", "2e-3", "--vl-lr", "5e-2", *SMALL]
+    if stage == 2:
+        cmd = ["bash", str(_REPO / "launch" / "train_cpu.sh"), *args]
+    else:
+        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+               str(_REPO / "launch" / "train.py"), "--mode", "train", "--ds-config", f"zero{stage}", *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", WANDB_MODE="disabled", PYTHON=sys.executable)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=420, env=env, cwd=_REPO)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "launch.log").write_text(proc.stdout + proc.stderr)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-5000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def zero2_run(tmp_path_factory, train_data, tiny_model_dir) -> Path:
+    """A finished ZeRO-2 run (see `_lora_run`): RUN/checkpoints/step_000002 = latest = final. Read-only."""
+    return _lora_run(tmp_path_factory.mktemp("lora_runs"), train_data, tiny_model_dir, 2)
+
+
+@pytest.fixture(scope="session")
+def zero3_run(tmp_path_factory, train_data, tiny_model_dir) -> Path:
+    """The same under ZeRO-3. Read-only."""
+    return _lora_run(tmp_path_factory.mktemp("lora_runs"), train_data, tiny_model_dir, 3)

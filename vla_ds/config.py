@@ -151,7 +151,7 @@ class TrainConfig:
         return {name: dataclasses.asdict(getattr(self, name)) for name in self.GROUPS}
 
     @classmethod
-    def from_flat(cls, values: dict) -> "TrainConfig":
+    def from_flat(cls, values: dict) -> TrainConfig:
         """Build from {field name: value} over all groups (unknown names are an error)."""
         owner = field_owners()
         unknown = sorted(set(values) - set(owner))
@@ -267,6 +267,18 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
         return config_from_args(args)
     except (ValueError, TypeError) as e:
         raise UsageError(str(e)) from None
+
+
+def config_from_yaml(path: str | Path, **overrides) -> TrainConfig:
+    """The TrainConfig a run's YAML (`vla-ds train --config`) describes, `overrides` on top; bad
+    content is a one-line UsageError naming the file."""
+    from vla_ds.errors import UsageError
+
+    try:
+        return TrainConfig.from_flat({**load_yaml(path), **overrides})
+    except (ValueError, TypeError) as e:
+        msg = str(e)
+        raise UsageError(msg if msg.startswith("--config") else f"--config {path}: {msg}") from None
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:

@@ -16,11 +16,8 @@ import json
 import logging
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
-
-from vla_ds.data.synthetic import synthetic_view  # noqa: F401  (re-exported for tests and notebooks)
 
 log = logging.getLogger(__name__)
 
@@ -46,16 +43,12 @@ def make_recordings(root: Path, seed: int) -> list[Path]:
     return sessions
 
 
-def torchrun(args: list[str], nproc: int = 2, env: dict | None = None) -> subprocess.CompletedProcess:
-    """`torchrun --nproc_per_node N -m vla_ds.train ARGS` on CPU (a free port, one thread per rank)."""
-    from vla_ds.utils.dist import free_port
+def torchrun(args: list[str], nproc: int = 2, env: dict | None = None):
+    """`torchrun --nproc_per_node N -m vla_ds.train ARGS` on CPU, logged as the user would type it."""
+    from vla_ds.utils.dist import torchrun as launch
 
-    port = free_port()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port),
-           "-m", "vla_ds.train", *args]
     log.info("      torchrun --nproc_per_node %d -m vla_ds.train %s", nproc, " ".join(args))
-    full_env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", WANDB_MODE="disabled", **(env or {}))
-    return subprocess.run(cmd, env=full_env, capture_output=True, text=True)
+    return launch("vla_ds.train", args, nproc=nproc, env=env)
 
 
 def _losses(run_dir: Path) -> dict:
@@ -73,12 +66,10 @@ def _check(proc: subprocess.CompletedProcess, what: str) -> None:
 
 def run_demo(out: str | Path, seed: int = 0, train_steps: int = 40) -> dict:
     """Run every demo stage under `out`; return where each artefact went."""
-    from vla_ds.cache import demo_stage
-    from vla_ds.commands.preprocess import log_summary
-    from vla_ds.data.ingest import IngestOptions, preprocess
+    from vla_ds.data.ingest import IngestOptions, log_summary, preprocess
     from vla_ds.data.stats import compute_stats
     from vla_ds.model.tiny import write_tiny_model
-    from vla_ds.plot import plot_run
+    from vla_ds.train.plot import plot_run
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -102,7 +93,7 @@ def run_demo(out: str | Path, seed: int = 0, train_steps: int = 40) -> dict:
 
     log.info("[5/%d] vla-ds cache --data %s --backbone %s --finetune-vl none --vl-tokens 5 --cache-dir %s", STAGES,
              dataset, backbone, cache)
-    cached = demo_stage(backbone, dataset, cache, ["View1", "View5"])
+    cached = cache_stage(backbone, dataset, cache, ["View1", "View5"])
 
     common = ["--mode", "train", "--ds-config", "zero2", "--data", str(dataset), "--backbone", str(backbone),
               "--sensor-enabled", "--sensor-sample-ratio", "0.5", "--batch-size", "2", "--grad-accum-steps", "2",
@@ -142,6 +133,29 @@ def run_demo(out: str | Path, seed: int = 0, train_steps: int = 40) -> dict:
     result["seconds"] = time.perf_counter() - t0
     log.info("demo finished in %.0f s; outputs under %s", result["seconds"], out)
     return result
+
+
+def cache_stage(backbone, dataset, cache_dir, views: list[str]) -> dict:
+    """The `vla-ds demo` cache stage: cache `dataset` with the backbone (--vl-tokens 1 + 2 per view),
+    open it the way training does (--cache-policy require), batch from it, verify 8 samples."""
+    from vla_ds.cache import CachedDataset, build_cache, open_cache_for_training, verify_cache
+    from vla_ds.config import TrainConfig
+    from vla_ds.data.dataset import IntegratedDataset, collate
+
+    cfg = TrainConfig.from_flat({"backbone": str(backbone), "finetune_vl": "none", "data": [str(dataset)],
+                                 "views": list(views), "batch_size": 8, "num_workers": 0,
+                                 "vl_tokens": 1 + 2 * len(views), "cache_dir": str(cache_dir),
+                                 "cache_policy": "require"})
+    summary = build_cache(cfg, shard_size=64)
+    base = IntegratedDataset(dataset, views=list(views), load_images=False, load_sensor=False)
+    reader = open_cache_for_training(cfg, base.sample_ids())
+    batch = collate([CachedDataset(base, reader)[i] for i in range(min(4, len(base)))])
+    check = verify_cache(cfg, num_samples=8)
+    log.info("      %d samples in %d shards (%.0f samples/s), %d bytes/sample; a batch carries vl_pooled %s + "
+             "vl_tokens %s, no images; re-encoded 8: max relative error %.1e", summary["samples"], summary["shards"],
+             summary["samples_per_s"], summary["bytes_per_sample"], tuple(batch["vl_pooled"].shape),
+             tuple(batch["vl_tokens"].shape), check["max_rel_error"])
+    return {**summary, "verify": check}
 
 
 def convert_and_predict(run_dir: Path, out: Path, dataset: Path) -> dict:

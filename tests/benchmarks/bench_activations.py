@@ -83,13 +83,14 @@ def peak_rise(fn, device: torch.device) -> int:
 
 
 def measure(bb: Path, mode: str, micro: int, extra: dict, device: torch.device, dtype: str) -> dict:
+    from PIL import Image
+
     from vla_ds.data.stats import NormStats
     from vla_ds.model.backbone import hidden_size, read_backbone_config
     from vla_ds.model.config import ModelConfig
     from vla_ds.model.policy import QwenVLA
     from vla_ds.profiling.activations import Workload, activation_bytes
     from vla_ds.profiling.counts import count_parameters
-    from PIL import Image
 
     cfg = ModelConfig(backbone=str(bb), finetune_vl=mode, dtype=dtype, **extra)
     policy = QwenVLA(cfg, NormStats.identity(cfg.action_dim, cfg.sensor_input_channels if cfg.sensor_enabled else None),

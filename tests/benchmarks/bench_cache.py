@@ -22,8 +22,7 @@ from pathlib import Path
 import torch
 
 from tests.benchmarks.report import machine, update_section
-from vla_ds.cache import build_cache
-from vla_ds.cache_store import CachedDataset, CacheReader
+from vla_ds.cache import CachedDataset, CacheReader, build_cache
 from vla_ds.config import TrainConfig
 from vla_ds.data import synthetic
 from vla_ds.data.dataset import IntegratedDataset, collate

@@ -41,8 +41,9 @@ def main(argv=None) -> None:
     from vla_ds.model.policy import QwenVLA
     from vla_ds.model.tiny import write_tiny_model
     from vla_ds.train.ds_config import load_ds_config, resolve_ds_config
-    from vla_ds.train.engine import build_engine, init_distributed, optimizer_groups
+    from vla_ds.train.engine import build_engine, optimizer_groups
     from vla_ds.train.loss import sample_weights, weighted_loss
+    from vla_ds.utils.dist import init_distributed
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 
 import numpy as np
 import pytest
 
-from tests.cache.conftest import SHARD_SIZE, TOKENS, cli_args, run_cache_cli
-from vla_ds.cache import build_cache
-from vla_ds.cache_store import CacheReader
+from tests.helpers.cache import SHARD_SIZE, TOKENS, cli_args, run_cache_cli
+from vla_ds.cache import CacheReader, build_cache
 from vla_ds.data.dataset import IntegratedDataset
 from vla_ds.errors import UsageError
 
@@ -30,7 +30,7 @@ def test_build_covers_every_sample_and_a_rerun_encodes_nothing(ref_cache, cache_
     ds = IntegratedDataset(cache_data, load_images=False)
     reader = CacheReader(ref_cache)
     assert sorted(reader.index) == sorted(ds.sample_ids()) and len(reader) == 16
-    assert reader.missing(ds.sample_ids()) == [] and reader.dim == 64 and reader.num_tokens == TOKENS
+    assert reader.missing(ds.sample_ids()) == [] and reader.dim == 64 and reader.vl_tokens == TOKENS
     plan = json.loads((ref_cache / "plan.json").read_text())["shards"]
     assert [len(s["samples"]) for s in plan] == [SHARD_SIZE] * 4
     pooled = np.load(ref_cache / "shards" / "000000.pooled.npy")
@@ -55,8 +55,8 @@ def test_two_process_build_equals_one_process_build(ref_cache, tiny_model_dir, c
 def test_kill_mid_shard_then_resume_gives_identical_content(ref_cache, tiny_model_dir, cache_data, tmp_path,
                                                             cfg_for, one_thread):
     out = tmp_path / "cache"
-    proc = run_cache_cli(cli_args(tiny_model_dir, cache_data, out), env={"VLA_DS_CACHE_FAULT": "exit_mid_shard:1"})
-    assert proc.returncode == 17, proc.stderr[-3000:]
+    proc = run_cache_cli(cli_args(tiny_model_dir, cache_data, out), env={"VLA_DS_FAULT": "cache_mid_shard:1"})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     shards = out / "shards"
     # shard 0 committed; shard 1's arrays written but not committed: it is in no manifest
     assert (shards / "000000.json").exists() and (shards / "000001.pooled.npy").exists()

@@ -7,9 +7,9 @@ import logging
 import numpy as np
 import pytest
 
-from tests.cache.conftest import cli_args
-from vla_ds.cache_store import CacheReader
-from vla_ds.commands import cache as cache_cmd
+from tests.helpers.cache import cli_args
+from vla_ds.cache import CacheReader
+from vla_ds.cli import cache as cache_cmd
 from vla_ds.model.config import FROZEN_VL_TOKENS
 
 
@@ -45,18 +45,18 @@ def test_build_verify_and_errors(tiny_model_dir, cache_data, tmp_path, caplog):
 
 def test_training_entry_mode_cache(tiny_model_dir, cache_data, tmp_path):
     """The old trainer's launch line: `python -m vla_ds.train --mode cache ...` builds with the defaults."""
-    from vla_ds.train.entry import main
+    from vla_ds.cli.train import launcher_main
 
     out = tmp_path / "runs" / "vla"
-    rc = main(["--mode", "cache", "--data", str(cache_data), "--backbone", str(tiny_model_dir), "--finetune-vl", "none",
+    rc = launcher_main(["--mode", "cache", "--data", str(cache_data), "--backbone", str(tiny_model_dir), "--finetune-vl", "none",
                "--output-dir", str(out), "--num-workers", "0", "--batch-size", "4"])
     assert rc == 0
     reader = CacheReader(tmp_path / "runs" / "vl_cache")  # the default: OUTPUT_DIR/../vl_cache
-    assert len(reader) == 16 and reader.num_tokens == FROZEN_VL_TOKENS and len(reader.shards) == 1
+    assert len(reader) == 16 and reader.vl_tokens == FROZEN_VL_TOKENS and len(reader.shards) == 1
 
 
-def test_demo_stage(tiny_model_dir, cache_data, tmp_path):
-    from vla_ds.cache import demo_stage
+def test_demo_cache_stage(tiny_model_dir, cache_data, tmp_path):
+    from vla_ds.demo import cache_stage
 
-    result = demo_stage(tiny_model_dir, cache_data, tmp_path / "vl_cache", ["View1", "View5"])
-    assert result["samples"] == 16 and result["tokens"] == 5 and result["verify"]["ok"]
+    result = cache_stage(tiny_model_dir, cache_data, tmp_path / "vl_cache", ["View1", "View5"])
+    assert result["samples"] == 16 and result["vl_tokens"] == 5 and result["verify"]["ok"]

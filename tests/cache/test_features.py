@@ -5,9 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.cache.conftest import TOKENS
-from vla_ds.cache import encode_for_cache, open_cache_for_training, verify_cache
-from vla_ds.cache_store import CachedDataset, CacheReader
+from tests.helpers.cache import TOKENS
+from vla_ds.cache import CachedDataset, CacheReader, encode_for_cache, open_cache_for_training, verify_cache
 from vla_ds.data.dataset import IntegratedDataset, collate
 from vla_ds.model.backbone import VLEncoder, VLFeatures
 from vla_ds.model.config import ModelConfig
@@ -22,15 +21,15 @@ HEAD = dict(finetune_vl="none", head_dropout=0.0, expert_hidden_dim=32, expert_n
 @pytest.fixture(scope="module")
 def live_encoder(tiny_model_dir):
     """The frozen tiny backbone as the cache builds it, K = TOKENS."""
-    from vla_ds.cache_build import _load_encoder
+    from vla_ds.cache import load_encoder
 
-    return _load_encoder(ModelConfig(backbone=str(tiny_model_dir), finetune_vl="none"), torch.device("cpu"), TOKENS)
+    return load_encoder(ModelConfig(backbone=str(tiny_model_dir), finetune_vl="none"), torch.device("cpu"), TOKENS)
 
 
 @pytest.mark.parametrize("k", [0, TOKENS])
 def test_cached_features_equal_the_live_encoder(k, ref_cache, ref_cache32, ref_cache32_pooled, cache_data,
                                                 live_encoder):
-    encoder = VLEncoder(live_encoder.model, live_encoder.processor, num_tokens=k)
+    encoder = VLEncoder(live_encoder.model, live_encoder.processor, vl_tokens=k)
     ds = IntegratedDataset(cache_data, views=VIEWS)
     idx = [0, 5, 9, 15]
     live = encoder([ds.images(i) for i in idx], [ds[i]["instruction"] for i in idx])  # VLEncoder.forward
@@ -79,9 +78,9 @@ def test_token_pooling_keeps_views_apart_and_summarises_the_text(cache_data, liv
     with pytest.raises(ValueError, match=r"--vl-tokens K must be at least 1 \+ the number of views \(V\): got K = 2"):
         pool_tokens(hidden, mask, inputs["input_ids"], inputs["image_grid_thw"], [2, 2], image_id, 2, 2)
     with pytest.raises(ValueError, match="at least 1 \\+ the number of views"):
-        VLEncoder(live_encoder.model, live_encoder.processor, num_tokens=2)(images, texts)
+        VLEncoder(live_encoder.model, live_encoder.processor, vl_tokens=2)(images, texts)
     with pytest.raises(ValueError, match="cannot store"):
-        encode_for_cache(VLEncoder(live_encoder.model, live_encoder.processor, num_tokens=-1), images, texts)
+        encode_for_cache(VLEncoder(live_encoder.model, live_encoder.processor, vl_tokens=-1), images, texts)
 
 
 def _losses(policy, batch, steps=2):

@@ -7,9 +7,8 @@ import shutil
 
 import pytest
 
-from tests.cache.conftest import TOKENS
-from vla_ds.cache import build_cache, compute_fingerprint, open_cache_for_training
-from vla_ds.cache_store import CacheReader
+from tests.helpers.cache import TOKENS
+from vla_ds.cache import CacheReader, build_cache, compute_fingerprint, open_cache_for_training
 from vla_ds.data.dataset import IntegratedDataset
 from vla_ds.errors import UsageError
 from vla_ds.model.config import FROZEN_VL_TOKENS, ModelConfig
@@ -108,7 +107,7 @@ def test_the_cache_must_hold_the_models_vl_tokens(cfg_for, ref_cache, tmp_path, 
         build_cache(cfg_for(tmp_path / "c", vl_tokens=2))
     # a pooled-only cache for --vl-tokens 0
     cfg = cfg_for(tmp_path / "p", vl_tokens=0, cache_policy="require")
-    assert build_cache(cfg, shard_size=8)["tokens"] == 0
+    assert build_cache(cfg, shard_size=8)["vl_tokens"] == 0
     reader = open_cache_for_training(cfg, ids)
     assert reader is not None and not reader.has_tokens
     assert "holds the pooled vector per sample" in refusal(cfg_for(tmp_path / "p", cache_policy="require"), ids)
@@ -117,11 +116,11 @@ def test_the_cache_must_hold_the_models_vl_tokens(cfg_for, ref_cache, tmp_path, 
 def test_auto_builds_the_frozen_default_whatever_the_finetune_mode(cfg_for, tmp_path, ids):
     """The old workflow: `--mode cache` with the run's flags (even --finetune-vl lora), then training
     with --finetune-vl none: both resolve --vl-tokens auto to FROZEN_VL_TOKENS."""
-    assert ModelConfig(finetune_vl="none").memory_tokens == FROZEN_VL_TOKENS == 17
+    assert ModelConfig(finetune_vl="none").resolved_vl_tokens == FROZEN_VL_TOKENS == 17
     cfg = cfg_for(tmp_path / "x", vl_tokens=None, finetune_vl="lora")
-    assert build_cache(cfg, shard_size=8)["tokens"] == FROZEN_VL_TOKENS
+    assert build_cache(cfg, shard_size=8)["vl_tokens"] == FROZEN_VL_TOKENS
     reader = open_cache_for_training(cfg_for(tmp_path / "x", vl_tokens=None, cache_policy="require"), ids)
-    assert reader.num_tokens == FROZEN_VL_TOKENS
+    assert reader.vl_tokens == FROZEN_VL_TOKENS
     tokens = reader.features(ids[0])
     assert tokens["vl_tokens"].shape == (FROZEN_VL_TOKENS, 64)
     # the tiny views have 2 x 2 merged tokens: 4 of each view's 8 cells are filled, the rest masked out

@@ -6,16 +6,15 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.convert.conftest import sample_batch
+from tests.helpers.batches import sample_batch
 from vla_ds.cli import main
-from vla_ds.convert import INDEX, read_state_dict
 from vla_ds.model.policy import QwenVLA
+from vla_ds.utils.weights import INDEX, read_state_dict
 
 pytestmark = pytest.mark.slow
 STEP = "step_000002"
@@ -119,7 +118,7 @@ def test_converted_policy_predicts_without_deepspeed(zero3_run, tmp_path, train_
         import torch
         from safetensors.torch import save_file
         torch.set_num_threads(1)
-        from tests.convert.conftest import sample_batch
+        from tests.helpers.batches import sample_batch
         from vla_ds.model.policy import QwenVLA
         policy = QwenVLA.from_pretrained({str(out / 'policy')!r}, device="cpu")
         texts, images, sensor, mask = sample_batch({str(train_data)!r})

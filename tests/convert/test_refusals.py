@@ -13,8 +13,9 @@ import torch
 from safetensors.torch import save_file
 
 from vla_ds.cli import main
-from vla_ds.convert import convert_checkpoint, is_pickle, refuse_pickle
+from vla_ds.convert import convert_checkpoint
 from vla_ds.errors import UsageError
+from vla_ds.utils.weights import is_pickle, refuse_pickle
 
 STEP = "step_000002"
 PICKLE_LINE = ("is a torch pickle, which can run code when loaded; vla-ds reads safetensors only: convert it where "
@@ -28,7 +29,7 @@ def test_the_old_trainers_pt_file_is_refused_in_one_line(tmp_path, repo_root):
     proc = subprocess.run([sys.executable, "-m", "vla_ds.cli", "convert", str(old), str(tmp_path / "out")],
                           cwd=repo_root, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1, proc.stderr
     assert lines[0].endswith(f"vla-ds convert: {old} {PICKLE_LINE}")
     assert not (tmp_path / "out").exists()

@@ -56,7 +56,7 @@ def test_npz_missing_key_and_wrong_shapes(exact_session_a, tmp_path):
 def test_csv_missing_column(exact_session_a, tmp_path):
     csv = next(exact_session_a.glob("robot_state_*.csv"))
     lines = csv.read_text().splitlines()
-    csv.write_text("\n".join(",".join(x for i, x in enumerate(l.split(",")) if i != 13) for l in lines))
+    csv.write_text("\n".join(",".join(x for i, x in enumerate(ln.split(",")) if i != 13) for ln in lines))
     with pytest.raises(SourceError) as e:
         preprocess([str(exact_session_a)], tmp_path / "ds", IngestOptions())
     _one_line(e.value, csv, "pose_a")
@@ -105,7 +105,7 @@ def test_cli_reports_bad_input_in_one_line(exact_session_b, tmp_path, capfd):
     bad = next(exact_session_b.glob("*View1_single.json"))
     bad.write_text("[{")
     assert main(["preprocess", str(exact_session_b), "--out", str(tmp_path / "ds")]) == 2
-    err = [l for l in capfd.readouterr().err.splitlines() if "vla-ds preprocess" in l]
+    err = [ln for ln in capfd.readouterr().err.splitlines() if "vla-ds preprocess" in ln]
     assert len(err) == 1 and str(bad) in err[0] and "invalid JSON" in err[0]
     assert main(["preprocess", str(tmp_path / "missing"), "--out", str(tmp_path / "ds")]) == 2
     assert main(["preprocess", str(exact_session_b), "--out", str(tmp_path / "ds"), "--max-side", "-1"]) == 2

@@ -81,7 +81,7 @@ def test_layout_b_end_to_end_exact(exact_session_b, tmp_path):
 
 
 def test_layout_b_with_sensor_interval_and_half_second_frames(tmp_path):
-    from tests.data.conftest import T0, index_sensor, ramp_robot
+    from tests.helpers.sessions import T0, index_sensor, ramp_robot
     from vla_ds.data.synthetic import write_session_b
 
     times = {"View1": T0 + np.arange(4) * 0.5}
@@ -96,7 +96,7 @@ def test_layout_b_with_sensor_interval_and_half_second_frames(tmp_path):
 
 
 def test_long_window_keeps_the_most_recent_rows(tmp_path):
-    from tests.data.conftest import T0, index_sensor, ramp_robot
+    from tests.helpers.sessions import T0, index_sensor, ramp_robot
     from vla_ds.data.synthetic import write_session_a
 
     times = {"View1": T0 + np.array([0.0, 1.2, 2.4])}

@@ -9,6 +9,7 @@ import pytest
 from vla_ds.cli import main
 from vla_ds.data.ingest import IngestOptions, preprocess
 from vla_ds.data.stats import NormStats, compute_stats
+from vla_ds.errors import UsageError
 
 
 def test_stats_exact_on_a_ramp(exact_session_a, exact_session_b, tmp_path):
@@ -45,7 +46,7 @@ def test_round_trip_and_validation(tmp_path):
     path.write_text(json.dumps(bad))
     with pytest.raises(ValueError, match="version"):
         NormStats.load(path)
-    with pytest.raises(FileNotFoundError, match="vla-ds stats"):
+    with pytest.raises(UsageError, match="vla-ds stats"):
         NormStats.load(tmp_path / "nope.json")
 
 

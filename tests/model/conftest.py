@@ -1,19 +1,13 @@
-"""Fixtures for the policy tests: small head sizes on the tiny backbone, synthetic batches.
-
-Sensor windows here are (64, 1 + 16) unless a test is about the real (650, 1026) shape: the code
-paths are the same and the tests stay fast.
-"""
+"""Fixtures for the policy tests: small head sizes on the tiny backbone, synthetic batches
+(tests/helpers/batches.py: sensor windows of (64, 1 + 16) unless a test is about the real shape)."""
 from __future__ import annotations
 
 import logging
 
 import pytest
-import torch
 
-from vla_ds.demo import synthetic_view
+from tests.helpers.batches import SENSOR_C, SENSOR_T, batch_of
 from vla_ds.model.config import ModelConfig
-
-SENSOR_T, SENSOR_C = 64, 17
 
 
 class _DropFloat16CastWarning(logging.Filter):
@@ -29,8 +23,6 @@ def _quiet_bitsandbytes():
     logger.addFilter(f)
     yield
     logger.removeFilter(f)
-
-
 
 
 @pytest.fixture
@@ -49,28 +41,6 @@ def small_config(tiny_model_dir):
         return ModelConfig(**fields)
 
     return make
-
-
-def batch_of(b: int, has_sensor=None, seed: int = 0, views=2, t: int = SENSOR_T, c: int = SENSOR_C) -> dict:
-    """A batch in the data package's collate format (raw actions, raw sensor)."""
-    g = torch.Generator().manual_seed(seed)
-    has = torch.tensor([i % 2 == 0 for i in range(b)] if has_sensor is None else has_sensor, dtype=torch.bool)
-    views = [views] * b if isinstance(views, int) else list(views)
-    sensor = torch.randn(b, t, c, generator=g) * 3 + 1
-    sensor_mask = torch.ones(b, t, dtype=torch.bool)
-    sensor[~has] = 0
-    sensor_mask[~has] = False
-    return {
-        "images": [[synthetic_view(seed * 100 + 10 * i + v) for v in range(views[i])] for i in range(b)],
-        "instructions": [["Insert the needle slowly.", "Retract the needle carefully.", "Advance the needle."][i % 3]
-                         for i in range(b)],
-        "actions": torch.randn(b, 8, 7, generator=g),
-        "action_mask": torch.ones(b, 8, dtype=torch.bool),
-        "sensor": sensor,
-        "sensor_mask": sensor_mask,
-        "has_sensor": has,
-        "sample_ids": [f"s{seed}-{i}" for i in range(b)],
-    }
 
 
 @pytest.fixture

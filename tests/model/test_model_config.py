@@ -64,11 +64,11 @@ def test_gradient_checkpointing_auto_follows_the_backbone():
 
 def test_vl_tokens_auto_follows_the_backbone():
     # auto: every token when the backbone trains; a frozen backbone's default is what a cache stores
-    assert ModelConfig(finetune_vl="lora").memory_tokens == ModelConfig(finetune_vl="full").memory_tokens == -1
-    assert ModelConfig(finetune_vl="none").memory_tokens == FROZEN_VL_TOKENS == 1 + 8 * 2
+    assert ModelConfig(finetune_vl="lora").resolved_vl_tokens == ModelConfig(finetune_vl="full").resolved_vl_tokens == -1
+    assert ModelConfig(finetune_vl="none").resolved_vl_tokens == FROZEN_VL_TOKENS == 1 + 8 * 2
     for k in (-1, 0, 2, 9):
-        assert ModelConfig(finetune_vl="none", vl_tokens=k).memory_tokens == k
-        assert ModelConfig(finetune_vl="lora", vl_tokens=k).memory_tokens == k
+        assert ModelConfig(finetune_vl="none", vl_tokens=k).resolved_vl_tokens == k
+        assert ModelConfig(finetune_vl="lora", vl_tokens=k).resolved_vl_tokens == k
 
 
 def test_without_the_sensor_every_fusion_is_vl_only():

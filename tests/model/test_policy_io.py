@@ -8,11 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from tests.helpers.batches import SENSOR_C, SENSOR_T
 from vla_ds.data.stats import NormStats
-from vla_ds.demo import synthetic_view
+from vla_ds.data.synthetic import synthetic_view
 from vla_ds.model.policy import QwenVLA
-
-from .conftest import SENSOR_C, SENSOR_T
 
 STATS = NormStats(
     action_mean=[0.1 * i for i in range(7)], action_std=[1.0 + 0.5 * i for i in range(7)],
@@ -102,7 +101,7 @@ def test_mismatched_weights_are_an_error_naming_the_keys(small_config, tmp_path)
     cfg = json.loads((tmp_path / "p" / "config.json").read_text())
     cfg["model"]["fusion_strategy"] = "gated"
     (tmp_path / "p" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="weights do not match the model built from config.json"):
+    with pytest.raises(ValueError, match="weights do not match the model built from .*config.json"):
         QwenVLA.from_pretrained(tmp_path / "p", device="cpu")
     with pytest.raises(FileNotFoundError, match="no policy config"):
         QwenVLA.from_pretrained(tmp_path / "nowhere", device="cpu")
@@ -177,12 +176,12 @@ def test_predict_attends_over_the_configured_vl_tokens(small_config, vl_tokens):
 def test_a_config_saved_before_vl_tokens_keeps_every_vl_token(small_config, tmp_path):
     policy = QwenVLA(small_config(vl_tokens=0), stats=STATS, device="cpu")
     policy.save_pretrained(tmp_path / "policy")
-    assert QwenVLA.from_pretrained(tmp_path / "policy", device="cpu").config.memory_tokens == 0
+    assert QwenVLA.from_pretrained(tmp_path / "policy", device="cpu").config.resolved_vl_tokens == 0
     meta = json.loads((tmp_path / "policy" / "config.json").read_text())
     del meta["model"]["vl_tokens"]
     (tmp_path / "policy" / "config.json").write_text(json.dumps(meta))
     # it was trained (live) over every VL token; auto would pool the frozen backbone's tokens
-    assert QwenVLA.from_pretrained(tmp_path / "policy", device="cpu").vl.num_tokens == -1
+    assert QwenVLA.from_pretrained(tmp_path / "policy", device="cpu").vl.vl_tokens == -1
 
 
 @pytest.mark.gpu

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from vla_ds.demo import synthetic_view
+from vla_ds.data.synthetic import synthetic_view
 from vla_ds.model.backbone import chat_message
 from vla_ds.model.processor import ImageOnlyQwenVLProcessor, load_processor
 

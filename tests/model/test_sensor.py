@@ -5,11 +5,10 @@ import pytest
 import torch
 from torch import nn
 
+from tests.helpers.batches import SENSOR_C, SENSOR_T
 from vla_ds.data.stats import NormStats
 from vla_ds.model.normalize import Normalizer
 from vla_ds.model.sensor import SensorEncoder
-
-from .conftest import SENSOR_C, SENSOR_T
 
 
 def _small_encoder(**kw) -> SensorEncoder:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
-from vla_ds.demo import synthetic_view
+from vla_ds.data.synthetic import synthetic_view
 from vla_ds.model.backbone import chat_message
 from vla_ds.model.processor import ImageOnlyQwenVLProcessor
 from vla_ds.model.tiny import QWEN_SPECIAL_TOKENS, TinySpec, build_config, build_tokenizer, write_tiny_model
@@ -118,7 +118,7 @@ def test_published_config_keeps_its_architecture_with_the_offline_tokenizer(tmp_
     """`config_json` (the GPU benchmark's 3B path), on a shrunken copy of the published 3B config:
     its sizes and vocabulary come through unchanged, its special ids become the tokenizer's, and the
     directory loads and runs with the stock classes."""
-    from vla_ds.commands.plan import DEFAULT_BACKBONE
+    from vla_ds.profiling.plan import DEFAULT_BACKBONE
 
     published = json.loads(open(DEFAULT_BACKBONE).read())
     small = dict(published, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from vla_ds.demo import synthetic_view
+from vla_ds.data.synthetic import synthetic_view
 from vla_ds.model.backbone import chat_message
 from vla_ds.model.config import FROZEN_VL_TOKENS
 from vla_ds.model.policy import QwenVLA
@@ -60,7 +60,7 @@ def test_vl_tokens_choose_the_memory_the_expert_attends_over(small_config, make_
     lengths = full.mask.sum(1)
     assert full.tokens.shape == (3, int(lengths.max()), 64) and len(set(lengths.tolist())) == 3
     for k in (0, 5):
-        every.vl.num_tokens = k  # the same backbone, reduced to k tokens
+        every.vl.vl_tokens = k  # the same backbone, reduced to k tokens
         feats = every.encode_vl(batch)
         assert feats.tokens.shape == (3, max(k, 1), 64) and feats.tokens.dtype == torch.float32
         torch.testing.assert_close(feats.pooled, full.pooled, atol=1e-6, rtol=1e-5)
@@ -72,8 +72,8 @@ def test_vl_tokens_choose_the_memory_the_expert_attends_over(small_config, make_
             for i in range(3):  # the last slot summarises the sample's text tokens
                 torch.testing.assert_close(feats.tokens[i, -1], full.tokens[i, text[i]].mean(0), atol=1e-6, rtol=1e-5)
             assert feats.mask[:, -1].all()
-    assert QwenVLA(small_config(), device="cpu").vl.num_tokens == FROZEN_VL_TOKENS
-    assert QwenVLA(small_config(finetune_vl="lora"), device="cpu").vl.num_tokens == -1
+    assert QwenVLA(small_config(), device="cpu").vl.vl_tokens == FROZEN_VL_TOKENS
+    assert QwenVLA(small_config(finetune_vl="lora"), device="cpu").vl.vl_tokens == -1
     with pytest.raises(ValueError, match=r"--vl-tokens K must be at least 1 \+ the number of views"):
         QwenVLA(small_config(vl_tokens=3), device="cpu").encode_vl(batch)  # 3 views need 4
 

@@ -13,7 +13,7 @@ SCRIPT = textwrap.dedent("""
     import json, sys, torch, deepspeed
     sys.path.insert(0, {repo!r})
     deepspeed.init_distributed(dist_backend="gloo")
-    from tests.model.conftest import batch_of
+    from tests.helpers.batches import batch_of
     from vla_ds.model.config import ModelConfig
     from vla_ds.model.policy import QwenVLA
 
@@ -60,5 +60,5 @@ def test_policy_trains_under_zero3(tiny_model_dir, repo_root, tmp_path):
     assert "unknown inputs or outputs type" not in output, output[-4000:]
     result = json.loads(output.split("RESULT ", 1)[1].splitlines()[0])
     for name, losses in result.items():
-        assert all(l == l for l in losses), f"{name}: NaN loss"
+        assert all(x == x for x in losses), f"{name}: NaN loss"
         assert losses[-1] < 0.5 * losses[0], f"{name}: loss did not fall under ZeRO-3: {losses}"

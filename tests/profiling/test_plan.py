@@ -4,9 +4,8 @@ from __future__ import annotations
 import pytest
 
 from vla_ds.cli import main
-from vla_ds.commands.plan import DEFAULT_BACKBONE
 from vla_ds.model.config import ModelConfig
-from vla_ds.profiling.plan import plan, recommend
+from vla_ds.profiling.plan import DEFAULT_BACKBONE, plan, recommend
 
 
 @pytest.fixture(scope="module")

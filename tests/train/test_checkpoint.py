@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 
-from tests.train.conftest import SMALL, losses, run_training
+from tests.helpers.runs import SMALL, loss_by_step, metrics_rows, run_training, run_trainings
 
 pytestmark = pytest.mark.slow
 
@@ -17,26 +18,54 @@ def _args(data, backbone, out, *extra):
             "--sensor-enabled", "--finetune-vl", "lora", "--val-ratio", "0", *SMALL, *extra]
 
 
-def _by_step(rows):
-    return {r["step"]: r["train/loss_step"] for r in rows if "train/loss_step" in r}
-
-
 def _pointer(out, name):
     return os.readlink(out / "checkpoints" / name)
 
 
-def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(tmp_path, train_data, tiny_model_dir):
+KILL_STEPS = ["--max-steps", "12", "--save-every", "4"]
+CRASH_STEPS = ["--max-steps", "8", "--save-every", "3"]
+
+
+def _after_crash(proc, out) -> dict:
+    root = out / "checkpoints"
+    return {"returncode": proc.returncode, "latest": _pointer(out, "latest"), "entries": sorted(p.name for p in root.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, train_data, tiny_model_dir, zero2_run) -> dict:
+    """The runs of this module, in three launches: each crash in its own (a crash ends its launch),
+    then one launch with the uninterrupted reference, the pointer run, both resumes and a resume
+    refused for its model (of a copy of the session's 2-process LoRA + sensor run, the model of
+    _args). What a crash left is recorded before its resume."""
+    root = tmp_path_factory.mktemp("checkpoint_runs")
+    shutil.copytree(zero2_run, root / "refused", symlinks=True)
+    data, bb = train_data, tiny_model_dir
+    after = {}
     # dropout stays on (head 0.1, LoRA 0.05): exactness needs the RNG states back too
-    steps = ["--max-steps", "12", "--save-every", "4"]
-    _, full = run_training(_args(train_data, tiny_model_dir, tmp_path / "full", *steps))
-    out = tmp_path / "killed"
-    env_kill = {"VLA_DS_FAULT": "kill_at_step:6"}  # two steps after the checkpoint at 4
-    proc, _ = run_training(_args(train_data, tiny_model_dir, out, *steps), expect_ok=False, env=env_kill)
-    assert proc.returncode != 0
-    assert _pointer(out, "latest") == "step_000004"
-    proc, rows = run_training(_args(train_data, tiny_model_dir, out, *steps))  # --resume auto
-    assert "resumed from" in proc.stderr and "step 4" in proc.stderr
-    want, got = _by_step(full), _by_step(rows)
+    proc, _ = run_training(_args(data, bb, root / "killed", *KILL_STEPS), expect_ok=False,
+                           env={"VLA_DS_FAULT": "kill_at_step:6"})  # two steps after the checkpoint at 4
+    after["killed"] = _after_crash(proc, root / "killed")
+    proc, _ = run_training(_args(data, bb, root / "crash", *CRASH_STEPS), expect_ok=False,
+                           env={"VLA_DS_FAULT": "crash_in_save:6"})
+    after["crash"] = _after_crash(proc, root / "crash")
+    names = ["full", "pointers", "killed", "crash", "refused"]
+    argv = [_args(data, bb, root / "full", *KILL_STEPS),
+            # a large lr overfits the few training episodes: validation improves first, then worsens
+            _args(data, bb, root / "pointers", "--max-steps", "10", "--val-ratio", "0.3", "--val-every", "1",
+                  "--save-every", "0", "--keep-last", "2", "--lr", "2e-2", "--sensor-lr", "2e-2"),
+            _args(data, bb, root / "killed", *KILL_STEPS),  # --resume auto
+            _args(data, bb, root / "crash", *CRASH_STEPS),
+            _args(data, bb, root / "refused", "--max-steps", "4", "--fusion-strategy", "gated")]
+    _, rows = run_trainings(argv, root / "runs.json")
+    return {name: {"dir": root / name, "rows": r, "log": (root / name / "run.log").read_text(), **after.get(name, {})}
+            for name, r in zip(names, rows)}
+
+
+def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(runs):
+    killed, out = runs["killed"], runs["killed"]["dir"]
+    assert killed["returncode"] != 0 and killed["latest"] == "step_000004"
+    assert "resumed from" in killed["log"] and "step 4," in killed["log"]
+    want, got = loss_by_step(runs["full"]["rows"]), loss_by_step(killed["rows"])
     assert sorted(got) == list(range(1, 13)), "metrics.jsonl reads as one uninterrupted history"
     for step in range(1, 13):
         assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-9), f"step {step}: {got[step]} vs {want[step]}"
@@ -44,26 +73,17 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(tmp_path, train
     assert state["step"] == 12 and _pointer(out, "final") == "step_000012"
 
 
-def test_crash_inside_a_save_leaves_latest_loadable(tmp_path, train_data, tiny_model_dir):
-    out = tmp_path / "run"
-    steps = ["--max-steps", "8", "--save-every", "3"]
-    proc, _ = run_training(_args(train_data, tiny_model_dir, out, *steps), expect_ok=False,
-                           env={"VLA_DS_FAULT": "crash_in_save:6"})
-    assert proc.returncode != 0
-    root = out / "checkpoints"
-    assert _pointer(out, "latest") == "step_000003"
-    assert not (root / "step_000006").exists(), "the half-written checkpoint never took the real name"
-    proc, rows = run_training(_args(train_data, tiny_model_dir, out, *steps))
-    assert "step 3" in proc.stderr and sorted(_by_step(rows)) == list(range(1, 9))
-    assert not [p.name for p in root.iterdir() if p.name.endswith(".tmp")]
+def test_crash_inside_a_save_leaves_latest_loadable(runs):
+    crash = runs["crash"]
+    assert crash["returncode"] != 0 and crash["latest"] == "step_000003"
+    assert "step_000006" not in crash["entries"], "the half-written checkpoint never took the real name"
+    assert "resumed from" in crash["log"] and "step 3," in crash["log"]
+    assert sorted(loss_by_step(crash["rows"])) == list(range(1, 9))
+    assert not [p.name for p in (crash["dir"] / "checkpoints").iterdir() if p.name.endswith(".tmp")]
 
 
-def test_pointers_follow_validation_and_old_checkpoints_are_pruned(tmp_path, train_data, tiny_model_dir):
-    out = tmp_path / "run"
-    # a large lr overfits the few training episodes: validation improves first, then worsens
-    _, rows = run_training(_args(train_data, tiny_model_dir, out, "--max-steps", "10", "--val-ratio", "0.3",
-                                 "--val-every", "1", "--save-every", "0", "--keep-last", "2", "--lr", "2e-2",
-                                 "--sensor-lr", "2e-2"))
+def test_pointers_follow_validation_and_old_checkpoints_are_pruned(runs):
+    out, rows = runs["pointers"]["dir"], runs["pointers"]["rows"]
     val = {r["step"]: r["val/loss_epoch"] for r in rows if "val/loss_epoch" in r}
     best_step = min(val, key=val.get)
     assert best_step < 10, f"validation should worsen after its best: {val}"
@@ -73,13 +93,13 @@ def test_pointers_follow_validation_and_old_checkpoints_are_pruned(tmp_path, tra
     assert f"step_{best_step:06d}" in kept and "step_000010" in kept and len(kept) <= 3
 
 
-def test_resume_refuses_another_world_size_or_model(tmp_path, train_data, tiny_model_dir):
+def test_resume_refuses_another_world_size_or_model(tmp_path, train_data, tiny_model_dir, zero2_run, runs):
     out = tmp_path / "run"
-    run_training(_args(train_data, tiny_model_dir, out, "--max-steps", "2"))
+    shutil.copytree(zero2_run, out, symlinks=True)  # 2 processes, LoRA + sensor, the model of _args
     proc, _ = run_training(_args(train_data, tiny_model_dir, out, "--max-steps", "4"), nproc=1, expect_ok=False)
-    line = [l for l in proc.stderr.splitlines() if "vla-ds train:" in l]
+    line = [ln for ln in proc.stderr.splitlines() if "vla-ds train:" in ln]
     assert len(line) == 1 and "2 process(es)" in line[0] and "vla-ds convert" in line[0]
-    proc, _ = run_training(_args(train_data, tiny_model_dir, out, "--max-steps", "4", "--fusion-strategy", "gated"),
-                           expect_ok=False)
-    line = [l for l in proc.stderr.splitlines() if "vla-ds train:" in l]
-    assert line and "fusion_strategy ('concat' -> 'gated')" in line[0]
+    refused = runs["refused"]
+    line = [ln for ln in refused["log"].splitlines() if "vla-ds train:" in ln]
+    assert len(line) == 1 and "fusion_strategy ('concat' -> 'gated')" in line[0]
+    assert loss_by_step(refused["rows"]) == loss_by_step(metrics_rows(zero2_run)), "nothing trained, nothing logged"

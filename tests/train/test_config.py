@@ -5,10 +5,10 @@ import json
 
 import pytest
 
-from vla_ds.config import TrainConfig, config_from_args, field_owners, save_config, load_yaml
+from vla_ds.cli.train import build_launcher_parser
+from vla_ds.config import TrainConfig, config_from_args, field_owners, load_yaml, save_config
 from vla_ds.errors import UsageError
 from vla_ds.train.ds_config import load_ds_config, resolve_ds_config
-from vla_ds.train.entry import build_parser
 
 OLD_DEFAULTS = {
     "lr": 1e-4, "min_lr": 1e-6, "warmup_ratio": 0.03, "hold_ratio": 0.02, "grad_accum_steps": 8, "sched_on": "step",
@@ -20,7 +20,7 @@ OLD_DEFAULTS = {
 
 
 def _parse(argv):
-    return config_from_args(build_parser(require_mode=True).parse_args(argv))
+    return config_from_args(build_launcher_parser().parse_args(argv))
 
 
 def test_old_trainer_command_line_parses_with_old_defaults():
@@ -36,7 +36,7 @@ def test_old_trainer_command_line_parses_with_old_defaults():
 
 def test_mode_is_required_like_the_old_trainer(capsys):
     with pytest.raises(SystemExit):
-        build_parser(require_mode=True).parse_args(["--data", "d"])
+        build_launcher_parser().parse_args(["--data", "d"])
     assert "--mode" in capsys.readouterr().err
 
 

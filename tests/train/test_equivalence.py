@@ -11,10 +11,9 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
-from tests.train.conftest import SMALL, run_training
+from tests.helpers.runs import SMALL, losses, run_training, run_trainings
 
 pytestmark = pytest.mark.slow
 
@@ -27,21 +26,34 @@ def _weights(out):
     return load_file(str(out / "checkpoints" / "final" / "policy" / "model.safetensors"))
 
 
-@pytest.fixture
-def ds_config(tmp_path, repo_root):
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("equivalence")
+
+
+@pytest.fixture(scope="module")
+def ds_config(root, repo_root):
     cfg = json.loads((repo_root / "ds_configs" / "zero2.json").read_text())
     cfg["optimizer"]["params"]["eps"] = 1e-3
-    path = tmp_path / "zero2_eps.json"
+    path = root / "zero2_eps.json"
     path.write_text(json.dumps(cfg))
     return str(path)
 
 
-def _run(tmp_path, name, train_data, tiny_model_dir, nproc, micro, accum, ds_config, *extra):
-    out = tmp_path / name
-    _, rows = run_training(["--data", str(train_data), "--backbone", str(tiny_model_dir), "--output-dir", str(out),
-                            "--batch-size", str(micro), "--grad-accum-steps", str(accum), "--log-every", "1",
-                            "--ds-config", ds_config, *DETERMINISTIC, *SMALL, *extra], nproc=nproc)
-    return _weights(out), [r["train/loss_step"] for r in rows if "train/loss_step" in r]
+def _args(out, train_data, tiny_model_dir, micro, accum, ds_config, *extra):
+    return ["--data", str(train_data), "--backbone", str(tiny_model_dir), "--output-dir", str(out), "--batch-size",
+            str(micro), "--grad-accum-steps", str(accum), "--log-every", "1", "--ds-config", ds_config,
+            *DETERMINISTIC, *SMALL, *extra]
+
+
+@pytest.fixture(scope="module")
+def single(root, train_data, tiny_model_dir, ds_config) -> dict:
+    """The one-process runs, in one launch: micro-batch 4 (the reference both comparisons share),
+    micro 1 x accumulation 4, and micro 4 with a 100x smaller lr. name -> (weights, losses)."""
+    runs = {"micro4": (4, 1), "accum": (1, 4), "slow": (4, 1, "--lr", "1e-5")}
+    argv = [_args(root / name, train_data, tiny_model_dir, r[0], r[1], ds_config, *r[2:]) for name, r in runs.items()]
+    _, rows = run_trainings(argv, root / "single.json", nproc=1)
+    return {name: (_weights(root / name), losses(r)) for name, r in zip(runs, rows)}
 
 
 def _assert_same(a, b, atol):
@@ -50,19 +62,19 @@ def _assert_same(a, b, atol):
     assert worst < atol, f"max weight difference {worst:.2e}"
 
 
-def test_data_parallel_equals_bigger_micro_batch(tmp_path, train_data, tiny_model_dir, ds_config):
-    one, l1 = _run(tmp_path, "one", train_data, tiny_model_dir, 1, 4, 1, ds_config)
-    two, l2 = _run(tmp_path, "two", train_data, tiny_model_dir, 2, 2, 1, ds_config)
+def test_data_parallel_equals_bigger_micro_batch(tmp_path, train_data, tiny_model_dir, ds_config, single):
+    one, l1 = single["micro4"]
+    _, rows = run_training(_args(tmp_path / "two", train_data, tiny_model_dir, 2, 1, ds_config), nproc=2)
+    two, l2 = _weights(tmp_path / "two"), losses(rows)
     assert l1 == pytest.approx(l2, rel=1e-5) and len(l1) == 4
     _assert_same(one, two, atol=1e-5)
 
 
-def test_accumulation_equals_bigger_micro_batch(tmp_path, train_data, tiny_model_dir, ds_config):
-    accum, la = _run(tmp_path, "accum", train_data, tiny_model_dir, 1, 1, 4, ds_config)
-    micro, lm = _run(tmp_path, "micro", train_data, tiny_model_dir, 1, 4, 1, ds_config)
+def test_accumulation_equals_bigger_micro_batch(single):
+    (accum, la), (micro, lm) = single["accum"], single["micro4"]
     assert la == pytest.approx(lm, rel=1e-5)
     _assert_same(accum, micro, atol=1e-5)
     # training moved the weights: with a smaller lr they end elsewhere (were they untouched, both
     # runs would equal the seeded initialisation and the comparison above would prove nothing)
-    slow, _ = _run(tmp_path, "slow", train_data, tiny_model_dir, 1, 4, 1, ds_config, "--lr", "1e-5")
+    slow, _ = single["slow"]
     assert max((slow[k] - micro[k]).abs().max().item() for k in micro) > 1e-4

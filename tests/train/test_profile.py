@@ -3,44 +3,40 @@ sane and consistent, and `vla-ds plan`'s model-state estimate agrees with them."
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from tests.train.conftest import SMALL
-from vla_ds.utils.dist import free_port
+from tests.helpers.runs import SMALL, run_many, run_module
 
 PRESETS = ("zero2", "zero3", "zero2_offload", "zero3_offload")
 PHASES = ("model_load", "engine_init", "forward", "backward", "optimizer_step")
 
 
-def run_profile(args: list[str], nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(free_port()), "-m", "vla_ds.profiling", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-
-
 @pytest.fixture(scope="module")
 def profiles(tmp_path_factory, tiny_model_dir, train_data) -> dict[str, dict]:
-    """One profile per preset: full finetune (every tiny LM block trains), micro-batch 2, fp32."""
-    out = {}
+    """One profile per preset: full finetune (every tiny LM block trains), micro-batch 2, fp32. The
+    first through `python -m vla_ds.profiling` itself, the other three in one launch (run_many)."""
     root = tmp_path_factory.mktemp("profiles")
-    for preset in PRESETS:
-        run_dir = root / preset
+
+    def args(preset: str) -> list[str]:
         # zero2_offload is the preset one proves fits a 24 GiB card with; on CPU there is nothing to cap
         limit = ["--gpu-mem-limit", "24"] if preset == "zero2_offload" else []
-        proc = run_profile(["--data", str(train_data), "--backbone", str(tiny_model_dir), "--finetune-vl", "full",
-                            "--batch-size", "2", "--grad-accum-steps", "1", "--ds-config", preset, "--output-dir",
-                            str(run_dir), "--steps", "2", "--warmup-steps", "1", *limit, *SMALL])
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-        result = json.loads((run_dir / "profile.json").read_text())
-        result["_dir"] = run_dir
-        result["_log"] = proc.stdout + proc.stderr
+        return ["--data", str(train_data), "--backbone", str(tiny_model_dir), "--finetune-vl", "full", "--batch-size",
+                "2", "--grad-accum-steps", "1", "--ds-config", preset, "--output-dir", str(root / preset), "--steps",
+                "2", "--warmup-steps", "1", *limit, *SMALL]
+
+    first, rest = PRESETS[0], PRESETS[1:]
+    proc = run_module("vla_ds.profiling", args(first))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    (root / first / "run.log").write_text(proc.stdout + proc.stderr)
+    run_many([["profile", *args(p)] for p in rest], root / "runs.json")
+    out = {}
+    for preset in PRESETS:
+        result = json.loads((root / preset / "profile.json").read_text())
+        result["_dir"] = root / preset
+        result["_log"] = (root / preset / "run.log").read_text()
         out[preset] = result
+    assert "samples/s; report: " in out[first]["_log"], "the entry's closing line"
     return out
 
 

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from tests.train.conftest import SMALL, run_training
+from tests.helpers.runs import SMALL, run_training
 from vla_ds.config import TrainConfig
 from vla_ds.errors import UsageError
 from vla_ds.train.ds_config import load_ds_config
@@ -63,10 +63,10 @@ def test_refusal_happens_before_the_model_loads(tmp_path, train_data, repo_root,
                             "--ds-config", str(repo_root / "ds_configs/zero3_offload.json"), *SMALL],
                            nproc=1, expect_ok=False)
     assert proc.returncode != 0
-    lines = [l for l in proc.stderr.splitlines() if "vla-ds train:" in l]
+    lines = [ln for ln in proc.stderr.splitlines() if "vla-ds train:" in ln]
     assert len(lines) == 1 and "--load-in-8bit" in lines[0] and "parameter offload" in lines[0]
     # torchrun prints its own ChildFailedError traceback; vla-ds itself raised none
-    assert not [l for l in proc.stderr.splitlines() if l.strip().startswith("File") and "vla_ds" in l]
+    assert not [ln for ln in proc.stderr.splitlines() if ln.strip().startswith("File") and "vla_ds" in ln]
     assert "resolved config" not in proc.stderr, "refused before the run even starts"
     assert not (tmp_path / "run").exists()
     assert time.perf_counter() - t0 < 60

@@ -42,10 +42,10 @@ def test_every_group_scales_relative_to_its_own_base_lr():
 
 def test_sensor_weight_is_effective_at_batch_one():
     # the old trainer divided by the batch's mean weight, which cancels at batch size 1
-    l = torch.tensor([0.3])
+    loss = torch.tensor([0.3])
     w2 = sample_weights(torch.tensor([True]), 2.0, sensor_enabled=True)
-    assert weighted_loss(l, w2).item() == pytest.approx(0.6)
-    assert weighted_loss(l, sample_weights(torch.tensor([False]), 2.0, True)).item() == pytest.approx(0.3)
+    assert weighted_loss(loss, w2).item() == pytest.approx(0.6)
+    assert weighted_loss(loss, sample_weights(torch.tensor([False]), 2.0, True)).item() == pytest.approx(0.3)
     mixed = weighted_loss(torch.tensor([1.0, 1.0]), sample_weights(torch.tensor([True, False]), 3.0, True))
     assert mixed.item() == pytest.approx(2.0)  # (3 + 1) / 2
     # without --sensor-enabled the sensor is ignored, and so is its weight

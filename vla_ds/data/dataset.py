@@ -33,6 +33,7 @@ import torch
 from torch.utils.data import Dataset
 
 from vla_ds.data.format import SENSOR_FILE, EpisodeMeta, FrameTable, find_episode_dirs, pose_deltas
+from vla_ds.errors import UsageError
 
 log = logging.getLogger(__name__)
 ACTION_DIM = 7
@@ -60,11 +61,11 @@ def _resolve_views(episodes: list[_Episode], views: list[str] | int | None) -> l
         for ep in episodes:
             missing = [v for v in views if v not in ep.meta.views]
             if missing:
-                raise ValueError(f"--views: episode {ep.meta.episode_id} has no view(s) {', '.join(missing)} (it has {', '.join(ep.meta.views)})")
+                raise UsageError(f"--views: episode {ep.meta.episode_id} has no view(s) {', '.join(missing)} (it has {', '.join(ep.meta.views)})")
         return list(views)
     common = [v for v in episodes[0].meta.views if all(v in ep.meta.views for ep in episodes)]
     if not common:
-        raise ValueError("--views: the episodes share no camera view; name the views to use with --views")
+        raise UsageError("--views: the episodes share no camera view; name the views to use with --views")
     return common
 
 
@@ -94,7 +95,7 @@ class IntegratedDataset(Dataset):
             frames = FrameTable.load(d)
             episodes.append(_Episode(d, meta, frames, episode_actions(frames.pose)))
         if not episodes:
-            raise ValueError(f"--data {' '.join(map(str, paths))}: no episodes selected")
+            raise UsageError(f"--data {' '.join(map(str, paths))}: no episodes selected")
         self.episodes = episodes
         self.horizon, self.sensor_length, self.load_images = horizon, sensor_length, load_images
         # load_sensor=False (a policy without --sensor-enabled): items keep has_sensor but carry no
@@ -104,7 +105,7 @@ class IntegratedDataset(Dataset):
         self.num_views = views if isinstance(views, int) else len(self.view_names)
         channels = {ep.meta.sensor["channels"] for ep in episodes if ep.meta.has_sensor}
         if len(channels) > 1:
-            raise ValueError(f"--data: episodes disagree on sensor channels {sorted(channels)}; ingest them alike")
+            raise UsageError(f"--data: episodes disagree on sensor channels {sorted(channels)}; ingest them alike")
         self.sensor_channels = sensor_channels or (channels.pop() if channels else 1026)
         self._build_index()
         self._mmaps: dict[int, np.ndarray] = {}

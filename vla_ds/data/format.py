@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vla_ds.errors import UsageError
 from vla_ds.utils.io import write_json
 
 FORMAT_NAME = "vla-ds-dataset"
@@ -64,7 +65,7 @@ class EpisodeMeta:
     format_version: int = FORMAT_VERSION
 
     @classmethod
-    def load(cls, episode_dir: str | os.PathLike) -> "EpisodeMeta":
+    def load(cls, episode_dir: str | os.PathLike) -> EpisodeMeta:
         path = Path(episode_dir) / META_FILE
         d = json.loads(path.read_text())
         if d.get("format_version") != FORMAT_VERSION:
@@ -111,7 +112,7 @@ class FrameTable:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "FrameTable":
+    def from_dict(cls, d: dict) -> FrameTable:
         has = "sensor_start" in d
         return cls(
             timestamp=np.asarray(d["timestamp"], np.float64),
@@ -126,7 +127,7 @@ class FrameTable:
         write_json(Path(episode_dir) / FRAMES_FILE, self.to_dict())
 
     @classmethod
-    def load(cls, episode_dir: str | os.PathLike) -> "FrameTable":
+    def load(cls, episode_dir: str | os.PathLike) -> FrameTable:
         return cls.from_dict(json.loads((Path(episode_dir) / FRAMES_FILE).read_text()))
 
 
@@ -163,10 +164,10 @@ def find_episode_dirs(paths: list[str | os.PathLike]) -> list[Path]:
             elif (p / EPISODES_DIR).is_dir():
                 found.extend(sorted(e for e in (p / EPISODES_DIR).iterdir() if (e / META_FILE).is_file()))
             elif not p.exists():
-                raise FileNotFoundError(f"--data {spec}: no such file or directory")
+                raise UsageError(f"--data {spec}: no such file or directory")
             else:
-                raise ValueError(f"--data {spec}: not a vla-ds dataset (no {EPISODES_DIR}/ or {META_FILE}); run `vla-ds preprocess` first")
+                raise UsageError(f"--data {spec}: not a vla-ds dataset (no {EPISODES_DIR}/ or {META_FILE}); run `vla-ds preprocess` first")
     unique = list(dict.fromkeys(found))
     if not unique:
-        raise ValueError(f"--data {' '.join(map(str, paths))}: no episodes found")
+        raise UsageError(f"--data {' '.join(map(str, paths))}: no episodes found")
     return unique

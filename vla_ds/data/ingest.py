@@ -35,6 +35,7 @@ from vla_ds.data.format import (
     write_dataset_marker,
 )
 from vla_ds.data.sources import RawEpisode, SourceError, discover_sources, read_session_a, read_session_b
+from vla_ds.errors import UsageError
 from vla_ds.utils.io import atomic_dir, write_json
 
 log = logging.getLogger(__name__)
@@ -55,11 +56,11 @@ class IngestOptions:
 
     def __post_init__(self):
         if self.max_side < 0:
-            raise ValueError("--max-side must be >= 0 (0 keeps the original images)")
+            raise UsageError("--max-side must be >= 0 (0 keeps the original images)")
         if self.sensor_dtype not in ("float16", "float32"):
-            raise ValueError("--sensor-dtype must be float16 or float32")
+            raise UsageError("--sensor-dtype must be float16 or float32")
         if not 0 < self.tolerance_s < 1:
-            raise ValueError("--tolerance must be between 0 and 1 second")
+            raise UsageError("--tolerance must be between 0 and 1 second")
 
 
 # ----------------------------------------------------------------------------- instructions
@@ -369,3 +370,23 @@ def summarize(records: list[dict]) -> dict:
         "frames_missing_a_view": {k: v for k, v in missing.items() if v},
         "episode_records": records,
     }
+
+
+def log_summary(summary: dict, out: Path) -> None:
+    """What `preprocess` did, as the lines `vla-ds preprocess` prints (rank 0's log)."""
+    log.info(
+        "%d episodes (%d written, %d unchanged, %d with sensor), %d samples, sensor share %.1f %%",
+        summary["episodes"],
+        summary["written"],
+        summary["unchanged"],
+        summary["episodes_with_sensor"],
+        summary["samples"],
+        100 * summary["sensor_share"],
+    )
+    for reason, n in sorted(summary["dropped"].items()):
+        log.info("  dropped %5d  %s", n, reason)
+    for view, n in sorted(summary["frames_missing_a_view"].items()):
+        log.info("  %5d frames without a %s image within tolerance", n, view)
+    for s in summary["skipped_sessions"]:
+        log.info("  skipped session %s: %s", s["source"], s["reason"])
+    log.info("dataset: %s (summary in %s)", out, json.dumps(str(Path(out) / "summary.json")))

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vla_ds.errors import UsageError
 from vla_ds.utils.io import write_json
 
 STATS_FILE = "stats.json"
@@ -67,7 +68,7 @@ class NormStats:
         return np.asarray(self.sensor_mean, np.float32), np.maximum(np.asarray(self.sensor_std, np.float32), MIN_STD)
 
     @classmethod
-    def identity(cls, action_dim: int = 7, sensor_channels: int | None = None) -> "NormStats":
+    def identity(cls, action_dim: int = 7, sensor_channels: int | None = None) -> NormStats:
         """Stats that leave values unchanged (for tests and models built before stats exist)."""
         zeros, ones = [0.0] * action_dim, [1.0] * action_dim
         sensor = ([0.0] * sensor_channels, [1.0] * sensor_channels) if sensor_channels else (None, None)
@@ -77,10 +78,10 @@ class NormStats:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "NormStats":
+    def from_dict(cls, d: dict) -> NormStats:
         if d.get("version", STATS_VERSION) != STATS_VERSION:
             raise ValueError(f"stats: version {d.get('version')} is not supported (expected {STATS_VERSION})")
-        known = {f for f in cls.__dataclass_fields__}
+        known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in d.items() if k in known})
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -91,16 +92,16 @@ class NormStats:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "NormStats":
+    def load(cls, path: str | os.PathLike) -> NormStats:
         path = Path(path)
         if path.is_dir():
             path = path / STATS_FILE
         try:
             return cls.from_dict(json.loads(path.read_text()))
         except FileNotFoundError:
-            raise FileNotFoundError(f"{path}: no normalization stats; run `vla-ds stats DATASET_DIR` first") from None
+            raise UsageError(f"{path}: no normalization stats; run `vla-ds stats DATASET_DIR` first") from None
         except (json.JSONDecodeError, TypeError) as e:
-            raise ValueError(f"{path}: not a vla-ds stats file ({e})") from None
+            raise UsageError(f"{path}: not a vla-ds stats file ({e})") from None
 
 
 def compute_stats(data: list[str | os.PathLike], chunk_rows: int = 16384) -> NormStats:
@@ -120,7 +121,7 @@ def compute_stats(data: list[str | os.PathLike], chunk_rows: int = 16384) -> Nor
         if s1 is None:
             s1, s2 = np.zeros(mm.shape[1]), np.zeros(mm.shape[1])
         elif mm.shape[1] != len(s1):
-            raise ValueError(f"{d}: {mm.shape[1]} sensor channels, other episodes have {len(s1)}")
+            raise UsageError(f"{d}: {mm.shape[1]} sensor channels, other episodes have {len(s1)}; ingest them alike")
         for lo in range(0, len(mm), chunk_rows):
             x = np.asarray(mm[lo : lo + chunk_rows], np.float64)
             s1 += x.sum(0)

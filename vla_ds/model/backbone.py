@@ -14,11 +14,12 @@ import contextlib
 import logging
 import os
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from torch import nn
 
+from vla_ds.errors import UsageError
+from vla_ds.model.vl_tokens import VLFeatures, reduce_features
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +106,9 @@ def read_backbone_config(path: str | os.PathLike):
         else:
             config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
-        raise ValueError(f"--backbone {path}: cannot read a Qwen2.5-VL config there ({e})") from None
+        raise UsageError(f"--backbone {path}: cannot read a Qwen2.5-VL config there ({e})") from None
     if getattr(config, "model_type", None) != "qwen2_5_vl":
-        raise ValueError(f"--backbone {path}: model_type is {config.model_type!r}, expected qwen2_5_vl")
+        raise UsageError(f"--backbone {path}: model_type is {config.model_type!r}, expected qwen2_5_vl")
     return config
 
 
@@ -143,58 +144,17 @@ def load_image(image):
     raise TypeError(f"images must be PIL images or file paths, got {type(image).__name__}")
 
 
-class VLFeatures(NamedTuple):
-    """Vision-language features of a batch: tokens `(B, M, D)`, mask `(B, M)` bool, pooled `(B, D)`.
-
-    M is the VL memory's length: L (every token, `--vl-tokens -1`), 1 (the pooled vector) or K
-    (pooled tokens). `pooled` is the masked mean over the sample's real tokens, from the live
-    backbone or as a VL cache stored it (the same computation, when the cache was built).
-    A NamedTuple, not a dataclass: ZeRO-3 finds a module's output tensors (to hook its backward)
-    only inside tuples, lists and dicts.
-    """
-
-    tokens: torch.Tensor
-    mask: torch.Tensor
-    pooled: torch.Tensor
-
-    def validated(self) -> "VLFeatures":
-        """Self, after checking that the three shapes agree (for features from outside, e.g. a cache)."""
-        if self.tokens.dim() != 3 or self.mask.shape != self.tokens.shape[:2]:
-            raise ValueError(f"VL tokens {tuple(self.tokens.shape)} and mask {tuple(self.mask.shape)} disagree")
-        if self.pooled.shape != (self.tokens.shape[0], self.tokens.shape[2]):
-            raise ValueError(f"VL pooled {tuple(self.pooled.shape)} does not match tokens {tuple(self.tokens.shape)}")
-        return self
-
-    @classmethod
-    def from_cache(cls, batch: dict, width: int) -> "VLFeatures":
-        """Features from a VL-cache batch: `vl_pooled` (B, D), optional `vl_tokens` (B, K, D) + mask;
-        what `VLEncoder(num_tokens=K)` (K = 0 without `vl_tokens`) computes live for the same samples."""
-        pooled = batch["vl_pooled"]
-        if pooled.dim() != 2 or pooled.shape[1] != width:
-            raise ValueError(f"batch vl_pooled is {tuple(pooled.shape)}, the backbone's features are (B, {width}); "
-                             "was the VL cache built with another --backbone?")
-        tokens = batch.get("vl_tokens")
-        if tokens is None:
-            # Pooled-only cache: the memory is one token per sample.
-            return cls(pooled.unsqueeze(1), torch.ones(pooled.shape[0], 1, dtype=torch.bool, device=pooled.device),
-                       pooled)
-        mask = batch.get("vl_tokens_mask")
-        if mask is None:
-            mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
-        return cls(tokens, mask.bool(), pooled).validated()
-
-
 class VLEncoder(nn.Module):
     """The Qwen2.5-VL model + processor, turning (views, instruction) samples into `VLFeatures`.
 
-    `num_tokens` (`ModelConfig.memory_tokens`) is the VL memory's size: -1 every token `(B, L, D)`,
+    `vl_tokens` (`ModelConfig.resolved_vl_tokens`) is the VL memory's size: -1 every token `(B, L, D)`,
     0 the pooled vector as one token, K >= 2 K pooled tokens (`vla_ds.model.vl_tokens`). A VL cache
     stores `encode_inputs`' output, so cached and live features are the same function of the inputs.
     Runs under `torch.no_grad()` whenever no backbone parameter requires grad (finetune none), so
     a frozen 3B keeps no activations for backward.
     """
 
-    def __init__(self, model, processor, feature_layer: int = -1, num_tokens: int = -1):
+    def __init__(self, model, processor, feature_layer: int = -1, vl_tokens: int = -1):
         super().__init__()
         self.model = model
         self.processor = processor
@@ -202,10 +162,10 @@ class VLEncoder(nn.Module):
         if not -(layers + 1) <= feature_layer <= layers:
             raise ValueError(f"--vl-feature-layer {feature_layer} is outside the backbone's hidden states "
                              f"(-{layers + 1}..{layers})")
-        if num_tokens < -1 or num_tokens == 1:
-            raise ValueError(f"--vl-tokens {num_tokens}: use -1 (every token), 0 (the pooled vector) or K >= 2")
+        if vl_tokens < -1 or vl_tokens == 1:
+            raise ValueError(f"--vl-tokens {vl_tokens}: use -1 (every token), 0 (the pooled vector) or K >= 2")
         self.feature_layer = feature_layer
-        self.num_tokens = int(num_tokens)
+        self.vl_tokens = int(vl_tokens)
 
     @property
     def hidden_size(self) -> int:
@@ -230,8 +190,6 @@ class VLEncoder(nn.Module):
     def encode_inputs(self, inputs: dict, views: list[int]) -> VLFeatures:
         """Features of already-processed inputs (`processor_inputs`' output, e.g. made in a loader
         worker); `views[b]` is sample b's number of images. The one path of live and cached features."""
-        from vla_ds.model.vl_tokens import reduce_features
-
         device = next(self.model.parameters()).device
         inputs = {k: v.to(device) for k, v in inputs.items()}
         grad = contextlib.nullcontext() if self.trains() else torch.no_grad()
@@ -242,7 +200,7 @@ class VLEncoder(nn.Module):
             hidden = out.hidden_states[self.feature_layer] if want_all else out.last_hidden_state
             return reduce_features(hidden, inputs["attention_mask"], inputs["input_ids"],
                                    inputs.get("image_grid_thw"), list(views), self.model.config.image_token_id,
-                                   self.processor.image_processor.merge_size, self.num_tokens)
+                                   self.processor.image_processor.merge_size, self.vl_tokens)
 
     def forward(self, images: list[list], instructions: list[str]) -> VLFeatures:
         return self.encode_inputs(self.processor_inputs(images, instructions), [len(v) for v in images])

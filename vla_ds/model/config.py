@@ -132,7 +132,7 @@ class ModelConfig:
         return bool(self.gradient_checkpointing) and self.trains_backbone
 
     @property
-    def memory_tokens(self) -> int:
+    def resolved_vl_tokens(self) -> int:
         """The resolved `vl_tokens`: -1 (every token), 0 (pooled) or K >= 2 pooled tokens; auto
         means -1 when the backbone trains and FROZEN_VL_TOKENS when it is frozen."""
         if self.vl_tokens is None:
@@ -155,7 +155,7 @@ class ModelConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict, source: str = "model config") -> "ModelConfig":
+    def from_dict(cls, d: dict, source: str = "model config") -> ModelConfig:
         """Build from a dict (e.g. a saved `config.json`); unknown keys are an error, not ignored."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)

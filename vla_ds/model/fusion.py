@@ -21,9 +21,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vla_ds.model.backbone import VLFeatures
 from vla_ds.model.layers import NormLinear
 from vla_ds.model.sensor import SensorFeatures
+from vla_ds.model.vl_tokens import VLFeatures
 
 
 class NoFusion(nn.Module):

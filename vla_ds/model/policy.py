@@ -24,13 +24,20 @@ from torch import nn
 from vla_ds.data.stats import NormStats
 from vla_ds.model.action_head import ActionExpert, masked_action_loss
 from vla_ds.model.backbone import (
-    VLEncoder, VLFeatures, check_backbone_path, hidden_size, load_vl_model, read_backbone_config, resolve_dtype,
+    VLEncoder,
+    check_backbone_path,
+    hidden_size,
+    load_vl_model,
+    read_backbone_config,
+    resolve_dtype,
 )
 from vla_ds.model.config import ModelConfig
 from vla_ds.model.finetune import apply_finetune, backbone_component
 from vla_ds.model.fusion import build_fusion
 from vla_ds.model.normalize import Normalizer
 from vla_ds.model.sensor import SensorEncoder, SensorFeatures
+from vla_ds.model.vl_tokens import VLFeatures
+from vla_ds.utils.dist import device_for
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +59,6 @@ class PolicyOutput(NamedTuple):
     valid_steps: torch.Tensor | None = None  # (B,) number of valid (unpadded) chunk steps
 
 
-def _default_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
 class QwenVLA(nn.Module):
     """The vision-language-action policy.
 
@@ -69,7 +72,7 @@ class QwenVLA(nn.Module):
                  load_backbone: bool = True, vl_model=None):
         super().__init__()
         self.config = config
-        device = torch.device(device) if device is not None else _default_device()
+        device = torch.device(device) if device is not None else device_for()
         if vl_model is None:
             check_backbone_path(config.backbone)
         if load_backbone or vl_model is not None:
@@ -82,7 +85,7 @@ class QwenVLA(nn.Module):
                 load_in_8bit=config.load_in_8bit)
             apply_finetune(model, config)
             processor = load_processor(config.backbone, config.min_pixels, config.max_pixels) if vl_model is None else None
-            self.vl = VLEncoder(model, processor, config.vl_feature_layer, config.memory_tokens)
+            self.vl = VLEncoder(model, processor, config.vl_feature_layer, config.resolved_vl_tokens)
             self.vl_dim = self.vl.hidden_size
             # Fixed at build time from the config, so freezing the policy later (e.g. for
             # inference) never changes what save_pretrained writes.
@@ -135,7 +138,7 @@ class QwenVLA(nn.Module):
     # ------------------------------------------------------------------------------ forward
     def encode_vl(self, batch: dict) -> VLFeatures:
         """VL features from the batch's `vl_pooled`/`vl_tokens` (VL cache) if present, else from the
-        live backbone on `images` + `instructions`, reduced to `config.memory_tokens` tokens exactly
+        live backbone on `images` + `instructions`, reduced to `config.resolved_vl_tokens` tokens exactly
         as a VL cache of that many tokens stores them."""
         if "vl_pooled" in batch:
             feats = VLFeatures.from_cache(batch, self.vl_dim)
@@ -287,7 +290,7 @@ class QwenVLA(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, backbone: str | os.PathLike | None = None,
-                        device: torch.device | str | None = None, load_backbone: bool = True) -> "QwenVLA":
+                        device: torch.device | str | None = None, load_backbone: bool = True) -> QwenVLA:
         """Rebuild a saved policy (in eval mode). `backbone` overrides the saved backbone path/id,
         for a policy moved to a machine where the backbone lives elsewhere."""
         from vla_ds.model.serialization import load_policy

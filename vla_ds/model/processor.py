@@ -13,8 +13,8 @@ import logging
 import os
 
 from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, PretrainedConfig
-from transformers.processing_utils import ProcessorMixin
 from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
+from transformers.processing_utils import ProcessorMixin
 
 log = logging.getLogger(__name__)
 

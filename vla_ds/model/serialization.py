@@ -10,8 +10,8 @@
 - stats.json: the `NormStats` the policy (de)normalizes with.
 
 Loading rebuilds the backbone from the saved (or overriding) backbone path and the config, then
-copies the saved tensors in with strict key checking: a missing or unknown key is an error that
-names the keys, never a silent partial load.
+copies the saved tensors in with strict name and shape checks (`vla_ds.utils.weights.load_strict`):
+a missing or unknown key is an error that names the keys, never a silent partial load.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ import torch
 from vla_ds.data.stats import NormStats
 from vla_ds.model.config import ModelConfig
 from vla_ds.utils.io import atomic_dir, write_json
+from vla_ds.utils.weights import load_strict
 
 log = logging.getLogger(__name__)
 
@@ -87,25 +88,6 @@ def read_policy_config(path: str | os.PathLike) -> tuple[dict, ModelConfig]:
     return meta, ModelConfig.from_dict(model, source=str(cfg_file))
 
 
-def load_tensors_into(policy, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Copy `tensors` into the policy's parameters; every saved name must be present and known."""
-    params = dict(policy.named_parameters(remove_duplicate=False))  # tied aliases resolve too
-    missing = [n for n in policy.saved_parameter_names() if n not in tensors]
-    unexpected = [n for n in tensors if n not in params]
-    if missing or unexpected:
-        raise ValueError(
-            f"{source}: weights do not match the model built from config.json: missing {missing[:5]}"
-            f"{' ...' if len(missing) > 5 else ''} ({len(missing)}), unexpected {unexpected[:5]}"
-            f"{' ...' if len(unexpected) > 5 else ''} ({len(unexpected)})"
-        )
-    with torch.no_grad():
-        for name, value in tensors.items():
-            param = params[name]
-            if param.shape != value.shape:
-                raise ValueError(f"{source}: {name} is {tuple(value.shape)} on disk, {tuple(param.shape)} in the model")
-            param.copy_(value)
-
-
 def load_policy(cls, path: str | os.PathLike, backbone: str | os.PathLike | None = None,
                 device: torch.device | str | None = None, load_backbone: bool = True):
     """Rebuild a `cls` (QwenVLA) from a policy directory; see `QwenVLA.from_pretrained`."""
@@ -122,5 +104,6 @@ def load_policy(cls, path: str | os.PathLike, backbone: str | os.PathLike | None
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: missing; the policy directory is incomplete")
-    load_tensors_into(policy, load_file(str(weights)), str(weights))
+    targets = {**dict(policy.named_buffers()), **dict(policy.named_parameters(remove_duplicate=False))}
+    load_strict(targets, load_file(str(weights)), policy.saved_parameter_names(), str(weights), str(path / CONFIG_FILE))
     return policy.eval()

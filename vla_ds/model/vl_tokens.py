@@ -1,6 +1,7 @@
-"""The VL memory: how a sample's VL hidden states become the tokens the fusion and expert attend over.
+"""The VL memory (`VLFeatures`): how a sample's VL hidden states become the tokens the fusion and the
+action expert attend over.
 
-`--vl-tokens` (`ModelConfig.memory_tokens`) K chooses, the same way for the live backbone and for
+`--vl-tokens` (`ModelConfig.resolved_vl_tokens`) K chooses, the same way for the live backbone and for
 a VL cache (a cache stores exactly `reduce_features`' output for its K, so a head trained from the
 cache sees at inference, with the live backbone, the same function of the inputs):
 
@@ -16,13 +17,55 @@ keeps the backbone's dtype.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 
-from vla_ds.model.backbone import VLFeatures
 from vla_ds.model.layers import masked_mean
 
 TOKEN_POOLING = "view_grid+text/v1"  # the version of `pool_tokens` (recorded in a cache's layout)
+
+
+class VLFeatures(NamedTuple):
+    """Vision-language features of a batch: tokens `(B, M, D)`, mask `(B, M)` bool, pooled `(B, D)`.
+
+    M is the VL memory's length: L (every token, `--vl-tokens -1`), 1 (the pooled vector) or K
+    (pooled tokens). `pooled` is the masked mean over the sample's real tokens, from the live
+    backbone or as a VL cache stored it (the same computation, when the cache was built).
+    A NamedTuple, not a dataclass: ZeRO-3 finds a module's output tensors (to hook its backward)
+    only inside tuples, lists and dicts.
+    """
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    pooled: torch.Tensor
+
+    def validated(self) -> VLFeatures:
+        """Self, after checking that the three shapes agree (for features from outside, e.g. a cache)."""
+        if self.tokens.dim() != 3 or self.mask.shape != self.tokens.shape[:2]:
+            raise ValueError(f"VL tokens {tuple(self.tokens.shape)} and mask {tuple(self.mask.shape)} disagree")
+        if self.pooled.shape != (self.tokens.shape[0], self.tokens.shape[2]):
+            raise ValueError(f"VL pooled {tuple(self.pooled.shape)} does not match tokens {tuple(self.tokens.shape)}")
+        return self
+
+    @classmethod
+    def from_cache(cls, batch: dict, width: int) -> VLFeatures:
+        """Features from a VL-cache batch: `vl_pooled` (B, D), optional `vl_tokens` (B, K, D) + mask;
+        what `VLEncoder(vl_tokens=K)` (K = 0 without `vl_tokens`) computes live for the same samples."""
+        pooled = batch["vl_pooled"]
+        if pooled.dim() != 2 or pooled.shape[1] != width:
+            raise ValueError(f"batch vl_pooled is {tuple(pooled.shape)}, the backbone's features are (B, {width}); "
+                             "was the VL cache built with another --backbone?")
+        tokens = batch.get("vl_tokens")
+        if tokens is None:
+            # Pooled-only cache: the memory is one token per sample.
+            return cls(pooled.unsqueeze(1), torch.ones(pooled.shape[0], 1, dtype=torch.bool, device=pooled.device),
+                       pooled)
+        mask = batch.get("vl_tokens_mask")
+        if mask is None:
+            mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        return cls(tokens, mask.bool(), pooled).validated()
 
 
 def _grid(n: int, h: int, w: int) -> tuple[int, int]:

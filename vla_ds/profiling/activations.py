@@ -94,13 +94,13 @@ def activation_bytes(bb_config, model_cfg, counts, micro_batch: int, work: Workl
     frozen = max(lm_layer, vis_layer)  # a layer's working set where nothing keeps a graph
     # finetune none trains no layer (counts come from the frozen model), so it gets the working set alone
     backbone = max(kept + recompute + 3 * b * tokens * h, frozen) if kept else frozen
-    memory_tokens = tokens if model_cfg.memory_tokens == -1 else max(model_cfg.memory_tokens, 1)
-    return int(backbone * width) + head_bytes(model_cfg, h, memory_tokens, b, width)
+    vl_tokens = tokens if model_cfg.resolved_vl_tokens == -1 else max(model_cfg.resolved_vl_tokens, 1)
+    return int(backbone * width) + head_bytes(model_cfg, h, vl_tokens, b, width)
 
 
 def cache_activation_bytes(model_cfg, hidden: int, micro_batch: int, width: int) -> int:
     """VL-cache mode: the head alone, on K cached tokens (17 when auto)."""
     from vla_ds.model.config import FROZEN_VL_TOKENS
 
-    tokens = FROZEN_VL_TOKENS if model_cfg.memory_tokens == -1 else max(model_cfg.memory_tokens, 1)
+    tokens = FROZEN_VL_TOKENS if model_cfg.resolved_vl_tokens == -1 else max(model_cfg.resolved_vl_tokens, 1)
     return head_bytes(model_cfg, hidden, tokens, micro_batch, width)

@@ -27,12 +27,17 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
+from vla_ds.errors import UsageError
 from vla_ds.model.config import ModelConfig
 from vla_ds.profiling.activations import Workload, activation_bytes, cache_activation_bytes
 from vla_ds.profiling.counts import Counts, count_parameters
 
 GIB = 2**30
+# The published config.json of Qwen2.5-VL-3B-Instruct, shipped for planning (it has no weights).
+DEFAULT_BACKBONE = str(Path(__file__).resolve().parent / "configs" / "qwen2_5_vl_3b_instruct.json")
+DEFAULT_BACKBONE_NAME = "Qwen2.5-VL-3B-Instruct"
 PRESETS = ("zero2", "zero3", "zero2_offload", "zero3_offload")
 MODES = ("cache", "none", "lora", "lora-8bit", "full", "full-all")
 MICRO_BATCHES = (1, 2, 4, 8, 16)
@@ -151,8 +156,9 @@ def resolved_preset(name: str, hidden: int, micro_batch: int, world: int, bf16: 
 
 
 def plan(backbone: str, base: ModelConfig, gpu_mem: float, world: int = 1, modes=MODES, presets=PRESETS,
-         micro_batches=MICRO_BATCHES, precision: str = "bf16", work: Workload = Workload()) -> list[Estimate]:
+         micro_batches=MICRO_BATCHES, precision: str = "bf16", work: Workload | None = None) -> list[Estimate]:
     """Every combination's estimate, `fits` and `speed` filled in. No weights are read."""
+    work = work or Workload()
     from vla_ds.model.backbone import hidden_size, num_lm_layers, read_backbone_config
 
     bb = read_backbone_config(backbone)
@@ -160,7 +166,10 @@ def plan(backbone: str, base: ModelConfig, gpu_mem: float, world: int = 1, modes
     rows = []
     threshold = 10 * hidden  # ZeRO-3 "auto" stage3_param_persistence_threshold
     for mode in modes:
-        cfg = mode_config(base, mode, num_lm_layers(bb))
+        try:
+            cfg = mode_config(base, mode, num_lm_layers(bb))
+        except ValueError as e:
+            raise UsageError(f"--modes {mode} with these model settings: {e}") from None
         counts = count_parameters(bb, cfg, threshold)
         for name in presets:
             for mb in micro_batches:

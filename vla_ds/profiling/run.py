@@ -2,7 +2,8 @@
 
 Features:
   - the training recipe itself (vla_ds/train/loop.py: same flags, same ds_configs, same model and
-    data), run for --warmup-steps + --steps optimizer steps, no checkpoints, no wandb
+    data, the trainer's own micro steps), run for --warmup-steps + --steps optimizer steps, no
+    checkpoints, no wandb; the phases are measured through the trainer's phase hook
   - peak memory per phase -- model load, engine init (DeepSpeed partitions and fp32 masters),
     forward, backward, optimizer step -- from the CUDA allocator (allocated and reserved) on a GPU,
     from the resident set on CPU (vla_ds/profiling/memory.py)
@@ -17,6 +18,7 @@ Features:
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -26,9 +28,11 @@ from pathlib import Path
 import torch
 
 from vla_ds.config import TrainConfig
+from vla_ds.errors import UsageError
 from vla_ds.profiling.accounting import KINDS, PLACES, merge_max, model_state_bytes
 from vla_ds.profiling.memory import GIB, MemoryMeter, apply_gpu_limit, dump_snapshot, rss_peak, start_snapshot
 from vla_ds.train.loop import Trainer
+from vla_ds.utils.dist import device_for
 
 log = logging.getLogger(__name__)
 
@@ -47,29 +51,38 @@ class ProfileOptions:
 
     def __post_init__(self):
         if self.steps < 1 or self.warmup_steps < 0:
-            raise ValueError("--steps must be >= 1 and --warmup-steps >= 0")
+            raise UsageError("--steps must be >= 1 and --warmup-steps >= 0")
         if self.gpu_mem_limit is not None and self.gpu_mem_limit <= 0:
-            raise ValueError("--gpu-mem-limit must be a positive number of GiB")
+            raise UsageError("--gpu-mem-limit must be a positive number of GiB")
 
 
 class ProfileOOM(RuntimeError):
     """The configuration ran out of accelerator memory; the report is written already."""
 
 
-class _ProfilingTrainer(Trainer):
-    """The trainer with its two set-up stages measured as phases."""
+class _Recorder:
+    """The trainer's phase hook: each phase measured by the meter; at the end of each optimizer
+    step's backward (gradients complete, before the step consumes them) and after the step
+    (optimizer states exist after the first one) the model states are counted, off the clock."""
 
-    def __init__(self, cfg: TrainConfig, meter: MemoryMeter):
-        self.meter = meter
-        super().__init__(cfg)
+    def __init__(self, meter: MemoryMeter):
+        self.meter, self.trainer, self.table, self.counting = meter, None, None, 0.0
 
-    def _build_model_and_data(self) -> None:
-        with self.meter.phase("model_load"):
-            super()._build_model_and_data()
+    def _count(self) -> None:
+        t = time.perf_counter()
+        table = model_state_bytes(self.trainer.engine)
+        self.table = table if self.table is None else merge_max(self.table, table)
+        self.counting += time.perf_counter() - t
 
-    def _build_engine(self) -> None:
-        with self.meter.phase("engine_init"):
-            super()._build_engine()
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        boundary = name == "optimizer_step" and self.trainer.engine.is_gradient_accumulation_boundary()
+        if boundary:
+            self._count()
+        with self.meter.phase(name):
+            yield
+        if boundary:
+            self._count()
 
 
 def for_profiling(cfg: TrainConfig, opts: ProfileOptions) -> TrainConfig:
@@ -90,31 +103,19 @@ def _batches(trainer: Trainer):
         trainer.state.epoch += 1
 
 
-def _steps(trainer: Trainer, meter: MemoryMeter, opts: ProfileOptions) -> tuple[dict, list[float]]:
-    """Collective. The measured steps; returns (model states {kind: {place: bytes}}, step seconds)."""
-    engine, accum = trainer.engine, trainer.cfg.optim.grad_accum_steps
-    table = model_state_bytes(engine)
+def _steps(trainer: Trainer, recorder: _Recorder, opts: ProfileOptions) -> list[float]:
+    """Collective. The measured optimizer steps, the trainer's own micro steps; returns their seconds
+    (model-state counting excluded)."""
+    recorder.trainer = trainer
+    recorder._count()  # before any step: parameters (and ZeRO's buffers) alone
     batches = _batches(trainer)
     times = []
     for _ in range(opts.warmup_steps + opts.steps):
-        start, counting = time.perf_counter(), 0.0
-        for k in range(accum):
-            batch = next(batches)
-            with meter.phase("forward"):
-                loss, _ = trainer.forward_loss(batch)
-            with meter.phase("backward"):
-                engine.backward(loss)
-            if k == accum - 1:  # gradients are complete now, before the step consumes them
-                t = time.perf_counter()
-                table = merge_max(table, model_state_bytes(engine))
-                counting += time.perf_counter() - t
-            with meter.phase("optimizer_step"):
-                engine.step()
-        t = time.perf_counter()
-        table = merge_max(table, model_state_bytes(engine))  # optimizer states exist after the first step
-        counting += time.perf_counter() - t
-        times.append(time.perf_counter() - start - counting)
-    return table, times
+        start, recorder.counting = time.perf_counter(), 0.0
+        for _ in range(trainer.cfg.optim.grad_accum_steps):
+            trainer.micro_step(next(batches))
+        times.append(time.perf_counter() - start - recorder.counting)
+    return times
 
 
 def _rank_result(rank: int, meter: MemoryMeter, table: dict | None) -> dict:
@@ -189,25 +190,24 @@ def profile(cfg: TrainConfig, opts: ProfileOptions) -> dict:
     from vla_ds.profiling.report import write_reports
     from vla_ds.train.ds_config import load_ds_config
 
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    device = device_for(int(os.environ.get("LOCAL_RANK", "0")))
     if device.type == "cuda":
         torch.cuda.set_device(device)
     elif opts.memory_snapshot:
-        from vla_ds.errors import UsageError
-
         raise UsageError("--memory-snapshot records the CUDA allocator and needs a GPU; leave it out on CPU")
     apply_gpu_limit(opts.gpu_mem_limit, device)
     if device.type != "cuda" and opts.gpu_mem_limit is not None:
         log.warning("--gpu-mem-limit caps the CUDA allocator: on CPU nothing is capped and no fit is reported")
     cfg = for_profiling(cfg, opts)
     meter = MemoryMeter(device)
+    recorder = _Recorder(meter)
     if opts.memory_snapshot:
         start_snapshot(device)
     trainer, table, times, status, error = None, None, [], "ok", None
     try:
-        trainer = _ProfilingTrainer(cfg, meter)
-        table, times = _steps(trainer, meter, opts)
+        trainer = Trainer(cfg, phase=recorder)
+        times = _steps(trainer, recorder, opts)
+        table = recorder.table
     except torch.OutOfMemoryError as e:
         status, error = "oom", f"out of memory in phase {meter.current_phase}: {str(e).splitlines()[0]}"
         log.error("%s", error)

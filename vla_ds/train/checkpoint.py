@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from vla_ds.errors import UsageError
+from vla_ds.utils.faults import fault_point
 from vla_ds.utils.io import write_json
 
 log = logging.getLogger(__name__)
@@ -101,40 +102,37 @@ def set_rng_state(js: dict, tensors: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------ saving
-def _fault(kind: str, step: int) -> None:
-    """Test hook: VLA_DS_FAULT=<kind>:<step> SIGKILLs this process there (a real crash)."""
-    spec = os.environ.get("VLA_DS_FAULT", "")
-    if spec == f"{kind}:{step}" and (kind != "crash_in_save" or dist.get_rank() == 0):
-        import signal
+def save_checkpoint(run_dir: Path, step: int, engine, policy, trainer_state: dict, *, keep_last: int = 3,
+                    best: bool = False, final: bool = False) -> Path:
+    """Collective. Write RUN_DIR/checkpoints/step_NNNNNN atomically, then move the pointers.
 
-        logging.shutdown()
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def save_checkpoint(trainer, best: bool = False, final: bool = False) -> Path:
-    """Collective. Write checkpoints/step_NNNNNN atomically, then move the pointers."""
+    The parts are explicit: the DeepSpeed `engine` (its shards), the `policy` (rank 0 writes its
+    directory, from ZeRO-3's consolidated weights when partitioned) and `trainer_state`, the JSON
+    of everything else a resume needs (written as trainer_state.json). `keep_last` step
+    directories are kept (0: all), never one that a pointer names.
+    """
     from safetensors.torch import save_file
 
-    root = ckpt_root(trainer.run_dir)
-    name = step_name(trainer.state.step)
+    root = ckpt_root(run_dir)
+    name = step_name(step)
     tmp = root / f".{name}.tmp"
-    rank = trainer.rank
+    rank = dist.get_rank()
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crash in an earlier save
         (tmp / "rng").mkdir(parents=True)
     dist.barrier()
-    trainer.engine.save_checkpoint(str(tmp / "ds"), tag=name)
+    engine.save_checkpoint(str(tmp / "ds"), tag=name)
     js, tensors = rng_state()
     write_json(tmp / "rng" / f"rank_{rank:05d}.json", js)
     save_file(tensors, str(tmp / "rng" / f"rank_{rank:05d}.safetensors"))
-    state_dict = trainer.engine._zero3_consolidated_16bit_state_dict() if trainer.zero_stage == 3 else None
+    state_dict = engine._zero3_consolidated_16bit_state_dict() if engine.zero_optimization_stage() == 3 else None
     if rank == 0:
-        trainer.model.save_pretrained(tmp / "policy", state_dict=state_dict)
+        policy.save_pretrained(tmp / "policy", state_dict=state_dict)
     dist.barrier()
-    _fault("crash_in_save", trainer.state.step)
     if rank == 0:
-        write_json(tmp / STATE_FILE, trainer.state_for_checkpoint())
+        fault_point("crash_in_save", step)
+        write_json(tmp / STATE_FILE, trainer_state)
         final_dir = root / name
         if final_dir.exists():  # the same step saved again (e.g. epoch end == --save-every)
             old = root / f".{name}.old"
@@ -144,15 +142,24 @@ def save_checkpoint(trainer, best: bool = False, final: bool = False) -> Path:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, final_dir)
-        set_pointer(root, "latest", name)
-        if best:
-            set_pointer(root, "best", name)
-        if final:
-            set_pointer(root, "final", name)
-        prune(root, trainer.cfg.run.keep_last)
+        _set_pointers(root, name, latest=True, best=best, final=final)
+        prune(root, keep_last)
         log.info("checkpoint %s%s%s", final_dir, " (best)" if best else "", " (final)" if final else "")
     dist.barrier()
     return root / name
+
+
+def point_at(run_dir: Path, step: int, *, best: bool = False, final: bool = False) -> None:
+    """Collective. Move the best / final pointers to the already saved step `step`."""
+    if dist.get_rank() == 0:
+        _set_pointers(ckpt_root(run_dir), step_name(step), latest=False, best=best, final=final)
+    dist.barrier()
+
+
+def _set_pointers(root: Path, name: str, *, latest: bool, best: bool, final: bool) -> None:
+    for flag, pointer in ((latest, "latest"), (best, "best"), (final, "final")):
+        if flag:
+            set_pointer(root, pointer, name)
 
 
 def prune(root: Path, keep_last: int) -> None:
@@ -179,34 +186,33 @@ def resolve_resume(spec: str, run_dir: Path) -> Path | None:
     raise UsageError(f"--resume {spec}: not a checkpoint (no {STATE_FILE}); give a step directory or a run directory")
 
 
-def check_compatible(saved: dict, trainer) -> None:
+def check_compatible(saved: dict, world_size: int, model_config: dict) -> None:
     """One-line refusals for a checkpoint that cannot continue this run."""
-    if saved["world_size"] != trainer.world:
+    if saved["world_size"] != world_size:
         raise UsageError(
-            f"--resume: the checkpoint was written by {saved['world_size']} process(es), this run has {trainer.world}; "
+            f"--resume: the checkpoint was written by {saved['world_size']} process(es), this run has {world_size}; "
             f"resume with {saved['world_size']} processes, or convert it with `vla-ds convert CHECKPOINT OUT` and start "
             "a new run with --init-from OUT (fresh optimizer)"
         )
-    current = trainer.cfg.model.to_dict()
-    diff = [f"{k} ({saved['model'].get(k)!r} -> {current.get(k)!r})" for k in sorted(set(saved["model"]) | set(current))
-            if saved["model"].get(k) != current.get(k)]
+    diff = [f"{k} ({saved['model'].get(k)!r} -> {model_config.get(k)!r})"
+            for k in sorted(set(saved["model"]) | set(model_config)) if saved["model"].get(k) != model_config.get(k)]
     if diff:
         raise UsageError(f"--resume: the checkpoint's model differs: {', '.join(diff)}; use the same model flags or "
                          "--init-from for a new run")
 
 
-def load_checkpoint(trainer, step_dir: Path) -> dict:
-    """Collective. Restore engine, optimizer, schedule, sampler position, RNG and bookkeeping."""
+def load_checkpoint(step_dir: Path, engine, *, world_size: int, model_config: dict) -> dict:
+    """Collective. Restore the engine (weights, optimizer states) and this rank's RNG from `step_dir`;
+    returns its trainer_state.json, from which the caller restores its own schedule, sampler and
+    bookkeeping. Refuses (one line) a checkpoint of another world size or model config."""
     from safetensors.torch import load_file
 
     saved = json.loads((step_dir / STATE_FILE).read_text())
-    check_compatible(saved, trainer)
-    load_path, _ = trainer.engine.load_checkpoint(str(step_dir / "ds"), tag=step_dir.name,
-                                                  load_optimizer_states=True, load_lr_scheduler_states=False)
+    check_compatible(saved, world_size, model_config)
+    load_path, _ = engine.load_checkpoint(str(step_dir / "ds"), tag=step_dir.name, load_optimizer_states=True,
+                                          load_lr_scheduler_states=False)
     if load_path is None:
         raise UsageError(f"--resume {step_dir}: DeepSpeed found no engine state in {step_dir / 'ds'}")
-    trainer.schedule.load_state_dict(saved["schedule"])
-    trainer.sampler.load_state_dict(saved["sampler"])
-    rng = step_dir / "rng" / f"rank_{trainer.rank:05d}"
+    rng = step_dir / "rng" / f"rank_{dist.get_rank():05d}"
     set_rng_state(json.loads(rng.with_suffix(".json").read_text()), load_file(str(rng.with_suffix(".safetensors"))))
     return saved

@@ -37,12 +37,14 @@ KNOWN_KEYS = {
 }
 
 
-PRESETS_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
+# The presets, shipped with the package (the repository's top-level ds_configs/ is the same files,
+# for users to read and copy; tests/test_layout.py keeps the two identical).
+PRESETS_DIR = Path(__file__).resolve().parent / "ds_configs"
 
 
 def ds_config_path(spec: str | os.PathLike) -> Path:
-    """A config file path as given, else a preset of the checkout's ds_configs/ by name or relative
-    path ("zero2", "zero3_offload.json", "ds_configs/zero3.json"), so it works from any directory."""
+    """A config file path as given, else a preset by name or relative path ("zero2",
+    "zero3_offload.json", "ds_configs/zero3.json"), so it works from any directory and installed."""
     p = Path(spec)
     if p.is_file():
         return p

@@ -1,38 +1,19 @@
-"""DeepSpeed engine set-up: distributed init, refused combinations, per-module optimizer groups.
+"""DeepSpeed engine set-up: refused combinations, per-module optimizer groups, `deepspeed.initialize`.
 
-Works the same under `deepspeed`, `torchrun` and a plain single process (`vla-ds train`): when no
-launcher set RANK/WORLD_SIZE, a one-process group is created on a free local port. The backend is
-NCCL on CUDA and gloo on CPU.
+The process group comes from `vla_ds.utils.dist.init_distributed`, the same under `deepspeed`,
+`torchrun` and a plain single process (`vla-ds train`).
 """
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 
 from vla_ds.config import TrainConfig
 from vla_ds.errors import UsageError
 from vla_ds.train.ds_config import offloads_optimizer, offloads_params, zero_stage
-from vla_ds.utils.dist import free_port
 
 log = logging.getLogger(__name__)
-
-
-def init_distributed() -> tuple[int, int, int]:
-    """Collective. (rank, world_size, local_rank); sets the CUDA device of this process."""
-    import deepspeed
-    import torch.distributed as dist
-
-    if "RANK" not in os.environ:  # not launched: a group of one
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
-    return dist.get_rank(), dist.get_world_size(), local_rank
 
 
 def check_combination(cfg: TrainConfig, ds_cfg: dict) -> None:

@@ -13,14 +13,13 @@ from pathlib import Path
 import torch
 
 from vla_ds.errors import UsageError
+from vla_ds.utils.weights import refuse_pickle
 
 log = logging.getLogger(__name__)
 
 
 def weights_file(path: str | Path) -> Path:
     """model.safetensors of a policy dir, of a checkpoint's policy/ or of a run's policy/."""
-    from vla_ds.convert import refuse_pickle
-
     p = Path(path)
     if p.is_file():
         refuse_pickle(p)  # e.g. the old trainer's qwen_vla_sensor.pt: never unpickled

@@ -11,15 +11,20 @@ Features:
     and the offending sample ids
   - VL feature cache (--cache-policy auto|require|off): with a frozen backbone and a matching
     cache, batches carry cached features and the backbone's weights are never loaded
-Checkpointing and resume live in vla_ds/train/checkpoint.py.
+  - a phase hook (`Trainer(cfg, phase=...)`): a context manager around each stage -- model_load,
+    engine_init, forward, backward, optimizer_step -- that `vla-ds profile` measures
+Checkpointing and resume live in vla_ds/train/checkpoint.py, the run's data in
+vla_ds/train/datasets.py.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, ContextManager
 
 import torch
 import torch.distributed as dist
@@ -27,6 +32,8 @@ import yaml
 
 from vla_ds.config import TrainConfig, save_config
 from vla_ds.errors import UsageError
+from vla_ds.train.metrics import Tally
+from vla_ds.utils.dist import all_sum, device_for, init_distributed
 
 log = logging.getLogger(__name__)
 
@@ -43,117 +50,41 @@ class TrainState:
     losses: list = field(default_factory=list)  # (step, train/loss_step) history of this process
 
 
-@dataclass
-class _Tally:
-    """Running sums of the loop (per step, per log window, per epoch)."""
-
-    loss: float = 0.0  # sum of micro-batch losses
-    micro: int = 0
-    sensor: int = 0  # samples with a sensor reading
-    samples: int = 0
-    start: float = field(default_factory=time.perf_counter)
-
-    def add(self, loss: float, sensor: int, samples: int) -> None:
-        self.loss += loss
-        self.micro += 1
-        self.sensor += sensor
-        self.samples += samples
-
-    def merge(self, other: "_Tally") -> None:
-        self.loss += other.loss
-        self.micro += other.micro
-        self.sensor += other.sensor
-        self.samples += other.samples
-
-    def reset(self) -> None:
-        self.__init__()
-
-    def all_sum(self, device) -> "_Tally":
-        """Collective."""
-        loss, micro, sensor, samples = _all_sum([self.loss, self.micro, self.sensor, self.samples], device)
-        return _Tally(loss, int(micro), int(sensor), int(samples), self.start)
+PhaseHook = Callable[[str], ContextManager]
+PHASES = ("model_load", "engine_init", "forward", "backward", "optimizer_step")
 
 
-def _all_sum(values: list[float], device) -> list[float]:
-    """Collective. Element-wise sum over ranks."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-def load_stats(cfg: TrainConfig, run_dir: Path):
-    from vla_ds.data.format import find_episode_dirs
-    from vla_ds.data.stats import STATS_FILE, NormStats, compute_stats
-
-    if cfg.data.stats:
-        return NormStats.load(cfg.data.stats)
-    for spec in cfg.data.data:
-        p = Path(spec) / STATS_FILE
-        if p.is_file():
-            return NormStats.load(p)
-    log.warning("no stats.json beside --data: computing normalization stats now (run `vla-ds stats` to keep them)")
-    find_episode_dirs(cfg.data.data)
-    return compute_stats(cfg.data.data)
-
-
-def build_datasets(cfg: TrainConfig, load_images: bool):
-    """(all samples, train, val) of --data, split by episode. The views are resolved once on the
-    whole data so both splits (and a VL cache) use the same ones. `load_images` can be switched
-    on the returned datasets later."""
-    from vla_ds.data.dataset import IntegratedDataset
-    from vla_ds.data.split import split_by_episode
-
-    kw = dict(horizon=cfg.model.horizon, sensor_length=cfg.model.sensor_temporal_length,
-              sensor_channels=cfg.model.sensor_input_channels, load_sensor=cfg.model.sensor_enabled)
-    try:
-        full = IntegratedDataset(cfg.data.data, views=cfg.data.views, load_images=False, **kw)
-    except (FileNotFoundError, ValueError) as e:
-        raise UsageError(str(e)) from None
-    kw.update(views=full.view_names, load_images=load_images)
-    train_ids, val_ids = split_by_episode(full.episode_ids, cfg.data.val_ratio, cfg.run.seed, full.episode_has_sensor)
-    train = IntegratedDataset(cfg.data.data, episode_ids=set(train_ids), **kw)
-    val = IntegratedDataset(cfg.data.data, episode_ids=set(val_ids), **kw) if val_ids else None
-    return full, train, val
-
-
-def open_cache(cfg: TrainConfig, sample_ids: list[str], rank: int):
-    """Collective. The VL cache reader when --cache-policy lets it stand in for the backbone, else
-    None. Rank 0 decides (and logs why) so every rank makes the same choice."""
-    from vla_ds.cache import cache_dir_of, open_cache_for_training
-    from vla_ds.cache_store import CacheReader
-
-    decision = [None]
-    if rank == 0:
-        try:
-            decision = [open_cache_for_training(cfg, sample_ids) is not None]
-        except UsageError as e:
-            decision = [str(e)]
-    dist.broadcast_object_list(decision, src=0)
-    if isinstance(decision[0], str):
-        raise UsageError(decision[0])
-    return CacheReader(cache_dir_of(cfg)) if decision[0] else None
+def _no_phase(name: str) -> ContextManager:
+    return contextlib.nullcontext()
 
 
 class Trainer:
-    """Holds the engine, data and bookkeeping of one run. Every method is collective unless noted."""
+    """Holds the engine, data and bookkeeping of one run. Every method is collective unless noted.
 
-    def __init__(self, cfg: TrainConfig):
+    `phase(name)` is entered around each stage named in PHASES (set-up once, then every micro
+    step): a hook for measuring them, a no-op by default.
+    """
+
+    def __init__(self, cfg: TrainConfig, phase: PhaseHook | None = None):
+        from vla_ds.train.datasets import load_stats
         from vla_ds.train.ds_config import load_ds_config, resolve_ds_config
-        from vla_ds.train.engine import check_combination, init_distributed
+        from vla_ds.train.engine import check_combination
 
         self.cfg = cfg
+        self.phase = phase or _no_phase
         ds_raw = load_ds_config(cfg.run.ds_config)
         check_combination(cfg, ds_raw)  # before anything heavy loads
         log.info("resolved config:\n%s", yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
         self.rank, self.world, self.local_rank = init_distributed()
-        self.device = torch.device("cuda", self.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        self.device = device_for(self.local_rank)
         torch.manual_seed(cfg.run.seed)
         self.run_dir = Path(cfg.run.output_dir)
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
-        self.stats = load_stats(cfg, self.run_dir)
-        self._build_model_and_data()
+        self.stats = load_stats(cfg)
+        with self.phase("model_load"):
+            self._build_model_and_data()
         from vla_ds.model.backbone import hidden_size, read_backbone_config
 
         self.ds_config = resolve_ds_config(
@@ -161,7 +92,8 @@ class Trainer:
             grad_clip=cfg.optim.grad_clip, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
             hidden_size=hidden_size(read_backbone_config(cfg.model.backbone)),
         )
-        self._build_engine()
+        with self.phase("engine_init"):
+            self._build_engine()
         self.state = TrainState()
         self._saved_step = -1
         self._resume()
@@ -174,7 +106,9 @@ class Trainer:
         step_dir = resolve_resume(self.cfg.run.resume, self.run_dir)
         if step_dir is None:
             return
-        saved = load_checkpoint(self, step_dir)
+        saved = load_checkpoint(step_dir, self.engine, world_size=self.world, model_config=self.cfg.model.to_dict())
+        self.schedule.load_state_dict(saved["schedule"])
+        self.sampler.load_state_dict(saved["sampler"])
         st = self.state
         st.step, st.epoch, st.consumed = saved["step"], saved["epoch"], saved["consumed"]
         st.best_val_loss, st.wandb_run_id = saved["best_val_loss"], saved["wandb_run_id"]
@@ -200,16 +134,13 @@ class Trainer:
 
     def checkpoint(self, best: bool = False, final: bool = False) -> None:
         """Collective. Save this step (once), or only move pointers if it is saved already."""
-        from vla_ds.train.checkpoint import ckpt_root, save_checkpoint, set_pointer, step_name
+        from vla_ds.train.checkpoint import point_at, save_checkpoint
 
         if self._saved_step == self.state.step:
-            if self.rank == 0:
-                for flag, name in ((best, "best"), (final, "final")):
-                    if flag:
-                        set_pointer(ckpt_root(self.run_dir), name, step_name(self.state.step))
-            dist.barrier()
+            point_at(self.run_dir, self.state.step, best=best, final=final)
             return
-        save_checkpoint(self, best=best, final=final)
+        save_checkpoint(self.run_dir, self.state.step, self.engine, self.model, self.state_for_checkpoint(),
+                        keep_last=self.cfg.run.keep_last, best=best, final=final)
         self._saved_step = self.state.step
 
     # ------------------------------------------------------------------ set-up
@@ -217,6 +148,7 @@ class Trainer:
         from vla_ds.data.dataset import collate
         from vla_ds.data.sampler import BalancedDistributedSampler
         from vla_ds.model.policy import QwenVLA
+        from vla_ds.train.datasets import build_datasets, open_cache
 
         cfg = self.cfg
         full, self.train_ds, self.val_ds = build_datasets(cfg, load_images=False)
@@ -225,7 +157,7 @@ class Trainer:
             self.cache = open_cache(cfg, full.sample_ids(), self.rank)
         load_backbone = self.cache is None
         if self.cache is not None:
-            from vla_ds.cache_store import CachedDataset
+            from vla_ds.cache import CachedDataset
 
             self.train_ds = CachedDataset(self.train_ds, self.cache)
             self.val_ds = CachedDataset(self.val_ds, self.cache) if self.val_ds is not None else None
@@ -281,9 +213,12 @@ class Trainer:
     # ------------------------------------------------------------------ steps
     def micro_step(self, batch: dict) -> tuple[float, int]:
         """Collective. Forward + backward of one micro batch; returns (weighted loss, sensor samples)."""
-        loss, has = self.forward_loss(batch)
-        self.engine.backward(loss)
-        self.engine.step()
+        with self.phase("forward"):
+            loss, has = self.forward_loss(batch)
+        with self.phase("backward"):
+            self.engine.backward(loss)
+        with self.phase("optimizer_step"):
+            self.engine.step()
         return float(loss.detach()), int(has.sum())
 
     def forward_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -324,7 +259,7 @@ class Trainer:
                     sums[1 if has else 3] += 1
                 k += 1
         self.engine.train()
-        s = _all_sum(sums, self.device)
+        s = all_sum(sums, self.device)
         n = s[1] + s[3]
         return {
             "val/loss_epoch": (s[0] + s[2]) / max(n, 1),
@@ -371,7 +306,7 @@ class Trainer:
         accum = cfg.optim.grad_accum_steps
         self.sampler.set_epoch(st.epoch)
         micro_left = self.steps_per_epoch * accum - st.consumed // cfg.data.batch_size
-        epoch, step, window = _Tally(), _Tally(), _Tally()
+        epoch, step, window = Tally(), Tally(), Tally()
         for k, batch in enumerate(self.loader(self.train_ds, self.sampler)):
             if k >= micro_left or st.step >= self.total_steps:
                 break  # the epoch's tail that does not fill an optimizer step is dropped
@@ -381,7 +316,7 @@ class Trainer:
             if (k + 1) % accum == 0:
                 self._end_step(step, window)
                 epoch.merge(step)
-                step = _Tally()
+                step = Tally()
         if st.consumed // (cfg.data.batch_size * accum) >= self.steps_per_epoch or st.step >= self.total_steps:
             e = epoch.all_sum(self.device)
             row = {"train/loss_epoch": e.loss / max(e.micro, 1), "train/sensor_ratio": e.sensor / max(e.samples, 1),
@@ -395,7 +330,7 @@ class Trainer:
             improved = self._validate_and_log() if not cfg.run.val_every else False
             self.checkpoint(best=improved)
 
-    def _end_step(self, step: "_Tally", window: "_Tally") -> None:
+    def _end_step(self, step: Tally, window: Tally) -> None:
         """Collective. Bookkeeping after an optimizer step: schedule, metrics, validation."""
         from vla_ds.train.metrics import system_metrics
 
@@ -429,9 +364,9 @@ class Trainer:
         improved = self._validate_and_log() if cfg.run.val_every and st.step % cfg.run.val_every == 0 else False
         if improved or (cfg.run.save_every and st.step % cfg.run.save_every == 0):
             self.checkpoint(best=improved)
-        from vla_ds.train.checkpoint import _fault
+        from vla_ds.utils.faults import fault_point
 
-        _fault("kill_at_step", st.step)
+        fault_point("kill_at_step", st.step)
 
     def _validate_and_log(self) -> bool:
         """Collective. Validate, log, and say whether the validation loss improved (same on every rank)."""

@@ -13,6 +13,7 @@ import math
 import netrc
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,9 @@ class MetricsLogger:
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
     path = Path(run_dir) / METRICS_FILE
     if not path.exists():
-        raise FileNotFoundError(f"{run_dir}: no {METRICS_FILE}; is it a vla-ds run directory?")
+        from vla_ds.errors import UsageError
+
+        raise UsageError(f"{run_dir}: no {METRICS_FILE}; is it a vla-ds run directory (--output-dir of a run)?")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
@@ -112,3 +115,36 @@ def system_metrics() -> dict:
     else:
         out["system/gpu_mem_GB"] = 0.0
     return out
+
+
+@dataclass
+class Tally:
+    """Running sums of the training loop (per step, per log window, per epoch)."""
+
+    loss: float = 0.0  # sum of micro-batch losses
+    micro: int = 0
+    sensor: int = 0  # samples with a sensor reading
+    samples: int = 0
+    start: float = field(default_factory=time.perf_counter)
+
+    def add(self, loss: float, sensor: int, samples: int) -> None:
+        self.loss += loss
+        self.micro += 1
+        self.sensor += sensor
+        self.samples += samples
+
+    def merge(self, other: Tally) -> None:
+        self.loss += other.loss
+        self.micro += other.micro
+        self.sensor += other.sensor
+        self.samples += other.samples
+
+    def reset(self) -> None:
+        self.__init__()
+
+    def all_sum(self, device) -> Tally:
+        """Collective. The sums over every rank."""
+        from vla_ds.utils.dist import all_sum
+
+        loss, micro, sensor, samples = all_sum([self.loss, self.micro, self.sensor, self.samples], device)
+        return Tally(loss, int(micro), int(sensor), int(samples), self.start)

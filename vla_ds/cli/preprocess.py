@@ -2,13 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 from pathlib import Path
 
-from vla_ds.commands import HELP_FORMAT
-
-log = logging.getLogger(__name__)
+from vla_ds.cli.common import HELP_FORMAT
 
 
 def add_parser(sub, name: str) -> None:
@@ -38,39 +34,10 @@ def add_parser(sub, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vla_ds.data.ingest import IngestOptions, preprocess
-    from vla_ds.errors import UsageError
+    from vla_ds.data.ingest import IngestOptions, log_summary, preprocess
 
-    try:
-        opts = IngestOptions(
-            instruction=args.instruction,
-            instructions_file=args.instructions,
-            max_side=args.max_side,
-            tolerance_s=args.tolerance,
-            sensor_dtype=args.sensor_dtype,
-            skip_bad=args.skip_bad,
-        )
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    opts = IngestOptions(instruction=args.instruction, instructions_file=args.instructions, max_side=args.max_side,
+                         tolerance_s=args.tolerance, sensor_dtype=args.sensor_dtype, skip_bad=args.skip_bad)
     summary = preprocess(args.sources, args.out, opts, workers=args.workers)
     log_summary(summary, args.out)
     return 0
-
-
-def log_summary(summary: dict, out: Path) -> None:
-    log.info(
-        "%d episodes (%d written, %d unchanged, %d with sensor), %d samples, sensor share %.1f %%",
-        summary["episodes"],
-        summary["written"],
-        summary["unchanged"],
-        summary["episodes_with_sensor"],
-        summary["samples"],
-        100 * summary["sensor_share"],
-    )
-    for reason, n in sorted(summary["dropped"].items()):
-        log.info("  dropped %5d  %s", n, reason)
-    for view, n in sorted(summary["frames_missing_a_view"].items()):
-        log.info("  %5d frames without a %s image within tolerance", n, view)
-    for s in summary["skipped_sessions"]:
-        log.info("  skipped session %s: %s", s["source"], s["reason"])
-    log.info("dataset: %s (summary in %s)", out, json.dumps(str(Path(out) / "summary.json")))

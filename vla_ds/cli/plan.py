@@ -4,13 +4,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-# The published config.json of Qwen2.5-VL-3B-Instruct, shipped for planning (it has no weights).
-DEFAULT_BACKBONE = str(Path(__file__).resolve().parents[1] / "profiling" / "configs" / "qwen2_5_vl_3b_instruct.json")
+from vla_ds.cli.common import HELP_FORMAT
 
 
 def add_parser(sub, name: str) -> None:
-    from vla_ds.commands import HELP_FORMAT
-    from vla_ds.profiling.plan import MICRO_BATCHES, MODES, PRESETS
+    from vla_ds.profiling.plan import DEFAULT_BACKBONE, MICRO_BATCHES, MODES, PRESETS
 
     p = sub.add_parser(
         name, help="estimate memory of every ds config x finetune mode x micro-batch; recommend what fits",
@@ -46,26 +44,20 @@ def run(args: argparse.Namespace) -> int:
     from vla_ds.errors import UsageError
     from vla_ds.model.config import ModelConfig
     from vla_ds.profiling.activations import Workload
-    from vla_ds.profiling.plan import markdown, plan, recommend
+    from vla_ds.profiling.plan import DEFAULT_BACKBONE, DEFAULT_BACKBONE_NAME, markdown, plan, recommend
     from vla_ds.utils.io import atomic_file
 
     if args.gpu_mem <= 0 or args.num_gpus < 1 or min(args.micro_batches) < 1:
         raise UsageError("--gpu-mem must be > 0, --num-gpus and --micro-batches >= 1")
     base = ModelConfig(backbone=args.backbone)
     if args.config:
-        from vla_ds.config import TrainConfig, load_yaml
+        from vla_ds.config import config_from_yaml
 
-        try:
-            base = TrainConfig.from_flat({**load_yaml(args.config), "backbone": args.backbone}).model
-        except (ValueError, TypeError) as e:
-            raise UsageError(f"--config {args.config}: {e}") from None
-    try:
-        rows = plan(args.backbone, base, args.gpu_mem, args.num_gpus, args.modes, args.ds_configs,
-                    args.micro_batches, args.precision, Workload(args.views, args.image_size, args.text_tokens))
-    except (ValueError, OSError) as e:
-        raise UsageError(str(e)) from None
+        base = config_from_yaml(args.config, backbone=args.backbone).model
+    rows = plan(args.backbone, base, args.gpu_mem, args.num_gpus, args.modes, args.ds_configs, args.micro_batches,
+                args.precision, Workload(args.views, args.image_size, args.text_tokens))
     recs = recommend(rows)
-    name = "Qwen2.5-VL-3B-Instruct" if args.backbone == DEFAULT_BACKBONE else args.backbone
+    name = DEFAULT_BACKBONE_NAME if args.backbone == DEFAULT_BACKBONE else args.backbone
     text = markdown(rows, recs, args.gpu_mem, args.num_gpus, name)
     print(text)  # the command's output is the table itself
     if args.output:

@@ -36,40 +36,15 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from vla_ds.errors import UsageError
+from vla_ds.train.checkpoint import STATE_FILE
+from vla_ds.utils.weights import WEIGHTS, load_strict, parse_size, refuse_pickle, save_state_dict
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "trainer_state.json"
 MANIFEST = "convert.json"
 FORMAT = "vla-ds-convert"
-WEIGHTS = "model.safetensors"
-INDEX = "model.safetensors.index.json"
 DTYPES = ("float32", "bfloat16", "float16")
-PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
-_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default (zip) format
 _ZERO_STAGES = {"disabled": 0, "optimizer_states": 1, "gradients": 2, "weights": 3}
-
-
-# ------------------------------------------------------------------------------------------ pickles
-def is_pickle(path: str | os.PathLike) -> bool:
-    """True if `path` is a file that is (or claims to be) a torch/python pickle: a pickle suffix, a
-    zip archive (torch.save's format) or a pickle stream (protocol >= 2)."""
-    p = Path(path)
-    if not p.is_file():
-        return False
-    if p.suffix.lower() in PICKLE_SUFFIXES:
-        return True
-    with open(p, "rb") as f:
-        head = f.read(4)
-    return head.startswith(_ZIP_MAGIC) or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
-
-
-def refuse_pickle(path: str | os.PathLike) -> None:
-    """Raise `UsageError` (one line) when `path` is a pickle: loading one can run arbitrary code."""
-    if is_pickle(path):
-        raise UsageError(
-            f"{path} is a torch pickle, which can run code when loaded; vla-ds reads safetensors only: convert it "
-            "where you trust it (torch.load + safetensors.torch.save_file) or point at a vla-ds checkpoint")
 
 
 # ------------------------------------------------------------------------------------------ sources
@@ -199,46 +174,6 @@ def load_zero_state_dict(ds_dir: Path, tag: str, exclude_frozen: bool = False) -
 
 
 # ------------------------------------------------------------------------------------------ files
-def parse_size(text: str | int) -> int:
-    from huggingface_hub.serialization._base import parse_size_to_int
-
-    try:
-        return int(text) if isinstance(text, int) else parse_size_to_int(str(text))
-    except ValueError:
-        raise UsageError(f"--max-shard-size {text}: give a size such as 2GB, 500MB or 200KB") from None
-
-
-def save_state_dict(tensors: dict, out_dir: Path, max_shard_size: str | int = "2GB") -> list[str]:
-    """Write `tensors` as model.safetensors, or as HF-style shards + model.safetensors.index.json
-    when they exceed `max_shard_size`. Returns the file names written."""
-    from huggingface_hub import split_torch_state_dict_into_shards
-    from safetensors.torch import save_file
-
-    split = split_torch_state_dict_into_shards(tensors, max_shard_size=parse_size(max_shard_size))
-    if not split.is_sharded:
-        save_file(tensors, str(out_dir / WEIGHTS), metadata={"format": "pt"})
-        return [WEIGHTS]
-    for fname, names in split.filename_to_tensors.items():
-        save_file({n: tensors[n] for n in names}, str(out_dir / fname), metadata={"format": "pt"})
-    index = {"metadata": {"total_size": split.metadata.get("total_size")}, "weight_map": split.tensor_to_filename}
-    (out_dir / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    return sorted(split.filename_to_tensors) + [INDEX]
-
-
-def read_state_dict(out_dir: str | os.PathLike) -> dict:
-    """The state dict `save_state_dict` wrote in `out_dir` (single file or index + shards)."""
-    from safetensors.torch import load_file
-
-    d = Path(out_dir)
-    if (d / INDEX).is_file():
-        weight_map = json.loads((d / INDEX).read_text())["weight_map"]
-        tensors = {}
-        for fname in sorted(set(weight_map.values())):
-            tensors.update(load_file(str(d / fname)))
-        return tensors
-    return load_file(str(d / WEIGHTS))
-
-
 def _check_out_dir(out: Path, source: CheckpointSource) -> None:
     if out.exists() and not out.is_dir():
         raise UsageError(f"OUT_DIR {out} is a file; give a new directory")
@@ -288,32 +223,14 @@ def _build_policy(config, stats, source: CheckpointSource):
 
 def _load_into(policy, sd: dict, source: CheckpointSource) -> list[str]:
     """Copy the checkpoint's tensors into the policy (strict: every saved weight present, no unknown
-    name, equal shapes); returns the names the checkpoint provided."""
-    import torch
-
-    params = dict(policy.named_parameters(remove_duplicate=False))
-    buffers = dict(policy.named_buffers())
-    where = f"{source.ds_dir / source.tag}"
-    unexpected = sorted(set(sd) - set(params) - set(buffers))
-    missing = sorted(set(policy.saved_parameter_names()) - set(sd))
-    if unexpected or missing:
-        raise UsageError(f"{where}: its weights do not match the model of {source.policy_dir / 'config.json'}: "
-                         f"missing {missing[:3]} ({len(missing)}), unexpected {unexpected[:3]} ({len(unexpected)})")
-    provided = list(sd)
-    with torch.no_grad():
-        for name in provided:
-            value = sd.pop(name)  # frees the checkpoint's copy as we go
-            target = params[name] if name in params else buffers[name]
-            if tuple(value.shape) != tuple(target.shape):
-                raise UsageError(f"{where}: {name} is {tuple(value.shape)} in the checkpoint, {tuple(target.shape)} in "
-                                 f"the model of {source.policy_dir / 'config.json'}")
-            target.copy_(value)
-    return provided
+    name, equal shapes; `sd` is emptied as it goes); returns the names the checkpoint provided."""
+    targets = {**dict(policy.named_buffers()), **dict(policy.named_parameters(remove_duplicate=False))}
+    return load_strict(targets, sd, policy.saved_parameter_names(), str(source.ds_dir / source.tag),
+                       str(source.policy_dir / "config.json"))
 
 
 def _policy_tensors(policy, dtype, names: list[str] | None) -> dict:
     """named_parameters (tied tensors once) + persistent buffers, as `dtype`, restricted to `names`."""
-    import torch
 
     param_names = {n for n, _ in policy.named_parameters(remove_duplicate=False)}
     persistent = set(policy.state_dict(keep_vars=True)) - param_names
@@ -346,7 +263,7 @@ def convert_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike
     import torch
 
     from vla_ds import __version__
-    from vla_ds.convert_lora import merge_lora_in_place, merged_config, save_backbone
+    from vla_ds.convert.lora import merge_lora_in_place, merged_config, save_backbone
     from vla_ds.model.serialization import save_policy
     from vla_ds.utils.io import atomic_dir, write_json
 

@@ -5,8 +5,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from vla_ds.commands import HELP_FORMAT
-from vla_ds.errors import UsageError
+from vla_ds.cli.common import HELP_FORMAT
 
 log = logging.getLogger(__name__)
 
@@ -21,11 +20,8 @@ def add_parser(sub, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vla_ds.plot import plot_run
+    from vla_ds.train.plot import plot_run
 
-    try:
-        out = plot_run(args.run_dir, args.out)
-    except FileNotFoundError as e:
-        raise UsageError(str(e)) from None
+    out = plot_run(args.run_dir, args.out)
     log.info("curves written to %s", out)
     return 0

@@ -16,6 +16,8 @@ import os
 import shutil
 from pathlib import Path
 
+from vla_ds.utils.weights import parse_size
+
 log = logging.getLogger(__name__)
 
 # Files of a model directory that hold weights (written anew) rather than tokenizer/processor data.
@@ -44,14 +46,12 @@ def merged_config(config, backbone_dir: str | os.PathLike):
     the VL memory it was trained with made explicit (auto would pick another for a frozen one)."""
     return dataclasses.replace(
         config, backbone=str(backbone_dir), finetune_vl="none", load_in_8bit=False, gradient_checkpointing=None,
-        train_vision_blocks=0, vl_tokens=config.memory_tokens,
+        train_vision_blocks=0, vl_tokens=config.resolved_vl_tokens,
     )
 
 
 def save_backbone(model, source_backbone: str, out: Path, dtype, max_shard_size: str | int) -> Path:
     """`save_pretrained` the (merged) HF model in `dtype` + the source backbone's processor files."""
-    from vla_ds.convert import parse_size
-
     disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
     disable()
     model.to(dtype)

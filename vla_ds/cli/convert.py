@@ -9,7 +9,7 @@ log = logging.getLogger(__name__)
 
 
 def add_parser(sub, name: str) -> None:
-    from vla_ds.commands import HELP_FORMAT
+    from vla_ds.cli.common import HELP_FORMAT
 
     p = sub.add_parser(
         name, help="DeepSpeed checkpoint -> plain safetensors + a policy that predicts without DeepSpeed",

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
+
+from vla_ds.cli.common import HELP_FORMAT, launcher_parser, run_command
 
 log = logging.getLogger("vla_ds")
 
@@ -32,8 +33,6 @@ def add_cache_flags(p: argparse.ArgumentParser) -> None:
 
 
 def add_parser(sub, name: str) -> None:
-    from vla_ds.commands import HELP_FORMAT
-
     p = sub.add_parser(
         name,
         help="encode every sample once with the frozen backbone (VL feature cache for --finetune-vl none)",
@@ -72,14 +71,6 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m vla_ds.cache` (e.g. under torchrun): the same flags as `vla-ds cache`."""
-    from vla_ds.cli import run_command
-    from vla_ds.commands import HELP_FORMAT
-
-    p = argparse.ArgumentParser(prog="python -m vla_ds.cache", description=__doc__, formatter_class=HELP_FORMAT)
+    p = launcher_parser("python -m vla_ds.cache", __doc__)
     add_cache_flags(p)
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging with timestamps and ranks")
     return run_command("cache", p.parse_args(argv), run)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from vla_ds.commands import HELP_FORMAT
+from vla_ds.cli.common import HELP_FORMAT
 
 
 def add_parser(sub, name: str) -> None:

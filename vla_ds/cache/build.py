@@ -1,15 +1,15 @@
 """Building the VL feature cache: features as stored, the loader of processed batches, the collective
-build (plan, encode, commit). The public entry points are re-exported by `vla_ds.cache`.
+build (plan, encode, commit), and the check of a built cache against the live backbone.
 
-- `cache_tokens_of(model_cfg)`: K, the VL tokens per sample (`--vl-tokens`; auto: FROZEN_VL_TOKENS).
+- `cache_vl_tokens(model_cfg)`: K, the VL tokens per sample (`--vl-tokens`; auto: FROZEN_VL_TOKENS).
 - `encode_for_cache(encoder, images, instructions)`: `VLEncoder.encode_inputs` as the stored dict.
 - `build_cache(cfg)` (Collective): every rank encodes a disjoint share of the planned shards;
   resumable (finished shards are never re-encoded), locked against concurrent builds.
+- `verify_cache(cfg)`: re-encode a random subset and compare.
 """
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,34 +17,35 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from vla_ds.cache_store import (
-    ARRAYS, FORMAT, INFO_FILE, PLAN_FILE, CacheLock, CacheReader, compute_fingerprint, episode_keys, episode_of,
-    fingerprint_diff, plan_shards, read_json, remove_leftovers, write_manifest, write_shard,
+from vla_ds.cache.fingerprint import compute_fingerprint, episode_keys, fingerprint_diff
+from vla_ds.cache.reader import CacheReader, cache_dataset
+from vla_ds.cache.store import (
+    ARRAYS,
+    FORMAT,
+    INFO_FILE,
+    PLAN_FILE,
+    CacheLock,
+    cache_dir_of,
+    episode_of,
+    layout_vl_tokens,
+    plan_shards,
+    read_json,
+    remove_leftovers,
+    write_manifest,
+    write_shard,
 )
 from vla_ds.errors import UsageError
 from vla_ds.model.config import FROZEN_VL_TOKENS
 from vla_ds.model.vl_tokens import TOKEN_POOLING
+from vla_ds.utils.dist import device_for, gather, rank_world, share
+from vla_ds.utils.faults import fault_point
 from vla_ds.utils.io import write_json
 
 log = logging.getLogger(__name__)
 
 
-def cache_dir_of(cfg) -> Path:
-    """--cache-dir, default OUTPUT_DIR/../vl_cache (shared by the runs of one runs/ folder)."""
-    return Path(cfg.run.cache_dir) if cfg.run.cache_dir else Path(cfg.run.output_dir).parent / "vl_cache"
-
-
-def _dataset(cfg, load_images: bool):
-    from vla_ds.data.dataset import IntegratedDataset
-
-    try:
-        return IntegratedDataset(cfg.data.data, views=cfg.data.views, load_images=load_images, load_sensor=False)
-    except (FileNotFoundError, ValueError) as e:
-        raise UsageError(str(e)) from None
-
-
 # ------------------------------------------------------------------------------------------ features
-def cache_tokens_of(model_cfg) -> int:
+def cache_vl_tokens(model_cfg) -> int:
     """K, the VL tokens a cache for this model stores: `--vl-tokens`, auto meaning FROZEN_VL_TOKENS
     whatever --finetune-vl (a cache only ever stands in for a frozen backbone). -1 is refused."""
     k = FROZEN_VL_TOKENS if model_cfg.vl_tokens is None else int(model_cfg.vl_tokens)
@@ -56,28 +57,29 @@ def cache_tokens_of(model_cfg) -> int:
 
 def encode_for_cache(encoder, images: list[list] | None = None, instructions: list[str] | None = None,
                      inputs: dict | None = None, views: list[int] | None = None) -> dict[str, torch.Tensor]:
-    """The VL features a cache of `encoder.num_tokens` K tokens stores, in batch-key form:
+    """The VL features a cache of `encoder.vl_tokens` K tokens stores, in batch-key form:
     {"vl_pooled" (B, D)} and with K > 0 also "vl_tokens" (B, K, D) + "vl_tokens_mask" (B, K), on the
     encoder's device. This is `VLEncoder.encode_inputs` (the live policy's path) as a dict. `inputs`
     (already processed, e.g. in a loader worker) replace images + instructions; then give `views`."""
-    if encoder.num_tokens < 0:
+    if encoder.vl_tokens < 0:
         raise ValueError("encode_for_cache: the encoder keeps every VL token (--vl-tokens -1), which a cache "
                          "cannot store")
     feats = encoder(images, instructions) if inputs is None else encoder.encode_inputs(inputs, views)
     out = {"vl_pooled": feats.pooled}
-    if encoder.num_tokens > 0:
+    if encoder.vl_tokens > 0:
         out["vl_tokens"], out["vl_tokens_mask"] = feats.tokens, feats.mask
     return out
 
 
-def _load_encoder(model_cfg, device, num_tokens: int):
+def load_encoder(model_cfg, device, vl_tokens: int):
+    """The frozen backbone + processor as a cache build runs them, keeping K = `vl_tokens` tokens."""
     from vla_ds.model.backbone import VLEncoder, load_vl_model, resolve_dtype
     from vla_ds.model.processor import load_processor
 
     model = load_vl_model(model_cfg.backbone, resolve_dtype(model_cfg.dtype, device), model_cfg.attn_implementation,
                           device).requires_grad_(False)
     processor = load_processor(model_cfg.backbone, model_cfg.min_pixels, model_cfg.max_pixels)
-    return VLEncoder(model, processor, model_cfg.vl_feature_layer, num_tokens)
+    return VLEncoder(model, processor, model_cfg.vl_feature_layer, vl_tokens)
 
 
 class _ShardBatches(torch.utils.data.Dataset):
@@ -135,33 +137,6 @@ def _bad_image(ds, sample_id: str, error: Exception) -> str:
 
 
 # ------------------------------------------------------------------------------------------ build
-def _distributed() -> tuple[int, int, int]:
-    """Collective. (rank, world, local_rank): the launcher's group, or a plain single process (no
-    process group, no DeepSpeed import) when not launched with several processes."""
-    import torch.distributed as dist
-
-    if dist.is_available() and (dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) > 1):
-        from vla_ds.train.engine import init_distributed
-
-        return init_distributed()
-    return 0, 1, int(os.environ.get("LOCAL_RANK", "0"))
-
-
-def _share(obj, world: int, gather: bool = False):
-    """Collective. Rank 0's `obj` on every rank, or (gather) the list of every rank's `obj`."""
-    if world == 1:
-        return [obj] if gather else obj
-    import torch.distributed as dist
-
-    if gather:
-        out = [None] * world
-        dist.all_gather_object(out, obj)
-        return out
-    buf = [obj]
-    dist.broadcast_object_list(buf, src=0)
-    return buf[0]
-
-
 def _prepare(cache_dir: Path, cfg, fp: dict, views: int, k: int, cache_dtype: str | None) -> dict:
     """Create cache.json for K = `k` tokens, or check that the existing one was made the same way
     (fingerprint, K, and `cache_dtype` if given). Returns the layout."""
@@ -175,9 +150,10 @@ def _prepare(cache_dir: Path, cfg, fp: dict, views: int, k: int, cache_dtype: st
             raise UsageError(f"--cache-dir {cache_dir} holds features made differently: {diff}; pass another "
                              "--cache-dir or delete it to rebuild")
         layout = info["layout"]
-        if int(layout["tokens"]) != k:
-            raise UsageError(f"--vl-tokens {k}: --cache-dir {cache_dir} was built with --vl-tokens {layout['tokens']}; "
-                             f"pass --vl-tokens {layout['tokens']} to extend it, or another --cache-dir")
+        built = layout_vl_tokens(layout)
+        if built != k:
+            raise UsageError(f"--vl-tokens {k}: --cache-dir {cache_dir} was built with --vl-tokens {built}; "
+                             f"pass --vl-tokens {built} to extend it, or another --cache-dir")
         if cache_dtype is not None and cache_dtype != layout["dtype"]:
             raise UsageError(f"--cache-dtype {cache_dtype}: --cache-dir {cache_dir} was built with --cache-dtype "
                              f"{layout['dtype']}; drop the flag to extend it, or pass another --cache-dir")
@@ -188,7 +164,7 @@ def _prepare(cache_dir: Path, cfg, fp: dict, views: int, k: int, cache_dtype: st
     dtype = cache_dtype or "float16"
     if dtype not in ("float16", "float32"):
         raise UsageError(f"--cache-dtype {dtype}: use float16 or float32")
-    layout = {"dim": hidden_size(read_backbone_config(cfg.model.backbone)), "tokens": int(k), "dtype": dtype,
+    layout = {"dim": hidden_size(read_backbone_config(cfg.model.backbone)), "vl_tokens": int(k), "dtype": dtype,
               "token_pooling": TOKEN_POOLING if k else None}
     from vla_ds import __version__
 
@@ -199,32 +175,23 @@ def _prepare(cache_dir: Path, cfg, fp: dict, views: int, k: int, cache_dtype: st
     return layout
 
 
-def _fault(stage: str, committed: int) -> None:
-    """Test hook: VLA_DS_CACHE_FAULT=exit_after_shards:N | exit_mid_shard:N kills this process
-    (os._exit, no clean-up: like a crash) after N commits, or between shard N+1's arrays and commit."""
-    spec = os.environ.get("VLA_DS_CACHE_FAULT", "")
-    if spec.startswith(stage + ":") and committed == int(spec.split(":")[1]):
-        logging.shutdown()
-        os._exit(17)
-
-
 def build_cache(cfg, shard_size: int = 2048, skip_bad: bool = False, cache_dtype: str | None = None,
                 batch_size: int | None = None, num_workers: int | None = None) -> dict:
     """Collective. Build or resume the VL cache of every sample of `cfg.data.data` (all episodes,
     train and val) in `cache_dir_of(cfg)`; returns a summary dict (the same on every rank).
 
-    The cache stores K = `cache_tokens_of(cfg.model)` tokens per sample besides the pooled vector
+    The cache stores K = `cache_vl_tokens(cfg.model)` tokens per sample besides the pooled vector
     (`--vl-tokens`; auto: FROZEN_VL_TOKENS). `cache_dtype` float16|float32 (None: existing or
     float16), `batch_size` (None: --batch-size), `num_workers` (None: --num-workers) loader
     processes per rank.
     """
-    rank, world, local_rank = _distributed()
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    rank, world, local_rank = rank_world()
+    device = device_for(local_rank)
     cache_dir = cache_dir_of(cfg)
     if shard_size < 1:
         raise UsageError("--shard-size must be >= 1")
-    k = cache_tokens_of(cfg.model)
-    ds = _dataset(cfg, load_images=True)
+    k = cache_vl_tokens(cfg.model)
+    ds = cache_dataset(cfg, load_images=True)
     fp = compute_fingerprint(cfg.model, ds.view_names, device)
     keys = episode_keys(ds)
     samples = {s: keys[episode_of(s)] for s in ds.sample_ids()}
@@ -241,7 +208,7 @@ def build_cache(cfg, shard_size: int = 2048, skip_bad: bool = False, cache_dtype
             lock.release()
             if world == 1:
                 raise
-    error, pending, layout = _share((error, pending, layout), world)
+    error, pending, layout = share((error, pending, layout), world)
     if error:
         raise (UsageError if error[0] else RuntimeError)(error[1])
     t0, ok = time.perf_counter(), False
@@ -251,7 +218,7 @@ def build_cache(cfg, shard_size: int = 2048, skip_bad: bool = False, cache_dtype
                                batch_size or cfg.data.batch_size,
                                cfg.data.num_workers if num_workers is None else num_workers) if mine else {
             "encoded": 0, "bad": {}, "shards": 0}
-        everyone = _share(stats, world, gather=True)
+        everyone = gather(stats, world)
         summary = None
         if rank == 0:
             bad = {s: why for st in everyone for s, why in st["bad"].items()}
@@ -263,12 +230,12 @@ def build_cache(cfg, shard_size: int = 2048, skip_bad: bool = False, cache_dtype
                        "dataset_samples": len(samples), "encoded": encoded, "shards_written": sum(
                            st["shards"] for st in everyone), "shards": len(manifest["shards"]), "skipped_bad": len(bad),
                        "seconds": seconds, "samples_per_s": encoded / seconds if seconds > 0 else 0.0,
-                       "bytes_per_sample": reader.bytes_per_sample(), "tokens": layout["tokens"], "world": world}
+                       "bytes_per_sample": reader.bytes_per_sample(), "vl_tokens": layout_vl_tokens(layout), "world": world}
             log.info("VL cache %s: %d/%d samples in %d shards (%d encoded now by %d process(es), %.1f samples/s, "
                      "%d skipped as bad), %d bytes/sample", cache_dir, summary["samples"], len(samples),
                      summary["shards"], encoded, world, summary["samples_per_s"], len(bad),
                      summary["bytes_per_sample"])
-        summary = _share(summary, world)
+        summary = share(summary, world)
         ok = True
         return summary
     finally:
@@ -279,8 +246,8 @@ def build_cache(cfg, shard_size: int = 2048, skip_bad: bool = False, cache_dtype
 def _encode_shards(cfg, ds, shards, layout, cache_dir, device, skip_bad, rank, world, batch_size, num_workers) -> dict:
     from vla_ds.utils.progress import progress
 
-    k, dtype = int(layout["tokens"]), np.dtype(layout["dtype"])
-    encoder = _load_encoder(cfg.model, device, k)
+    k, dtype = layout_vl_tokens(layout), np.dtype(layout["dtype"])
+    encoder = load_encoder(cfg.model, device, k)
     source = _ShardBatches(ds, shards, batch_size, encoder.processor)
     workers = min(num_workers, len(source))
     loader = torch.utils.data.DataLoader(source, batch_size=None, shuffle=False, num_workers=workers,
@@ -310,8 +277,55 @@ def _encode_shards(cfg, ds, shards, layout, cache_dir, device, skip_bad, rank, w
                     arrays = {w: np.concatenate(a[w]) for w in ARRAYS if a[w]}
                     write_shard(cache_dir, shard["name"], arrays, a["ids"], shard["episodes"], a["bad"],
                                 {"rank": rank, "world": world},
-                                before_commit=lambda: _fault("exit_mid_shard", stats["shards"]))
+                                before_commit=lambda: fault_point("cache_mid_shard", stats["shards"]))
                     stats["shards"] += 1
                     stats["encoded"] += len(a["ids"])
-                    _fault("exit_after_shards", stats["shards"])
+                    fault_point("cache_after_shards", stats["shards"])
     return stats
+
+
+# ------------------------------------------------------------------------------------------ verify
+def _tolerance(layout_dtype: str, compute_dtype: str) -> float:
+    # fp16 storage rounds to ~5e-4 relative; bf16 compute differs by batch padding at ~1e-2
+    return 5e-2 if compute_dtype in ("bfloat16", "float16") else (2e-3 if layout_dtype == "float16" else 1e-4)
+
+
+def verify_cache(cfg, num_samples: int = 64, seed: int = 0) -> dict:
+    """Re-encode `num_samples` random cached samples and compare with the cache (not collective:
+    call on one rank). Relative error = max |cached - live| / max |live| per sample and array."""
+    cache_dir = cache_dir_of(cfg)
+    try:
+        reader = CacheReader(cache_dir)
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    ds = cache_dataset(cfg, load_images=True)
+    device = device_for()
+    fp = compute_fingerprint(cfg.model, ds.view_names, device)
+    diff = fingerprint_diff(reader.fingerprint, fp)
+    if diff:
+        raise UsageError(f"--cache-dir {cache_dir} was built differently from these flags: {diff}")
+    index = {s: i for i, s in enumerate(ds.sample_ids()) if s in reader}
+    ids = sorted(index)
+    rng = np.random.default_rng(seed)
+    pick = [ids[j] for j in sorted(rng.choice(len(ids), min(num_samples, len(ids)), replace=False))]
+    encoder = load_encoder(cfg.model, device, reader.vl_tokens)
+    instructions = {ep.meta.episode_id: ep.meta.instruction for ep in ds.episodes}
+    worst, worst_id = 0.0, None
+    for j in range(0, len(pick), max(cfg.data.batch_size, 8)):
+        chunk = pick[j : j + max(cfg.data.batch_size, 8)]
+        live = encode_for_cache(encoder, [ds.images(index[s]) for s in chunk],
+                                [instructions[episode_of(s)] for s in chunk])
+        for b, sid in enumerate(chunk):
+            cached = reader.features(sid)
+            for key in ("vl_pooled", "vl_tokens"):
+                if key in cached:
+                    ref = live[key][b].float().cpu()
+                    err = float((cached[key] - ref).abs().max() / ref.abs().max().clamp(min=1e-6))
+                    if err > worst:
+                        worst, worst_id = err, sid
+    tol = _tolerance(reader.dtype, fp["compute_dtype"])
+    result = {"checked": len(pick), "max_rel_error": worst, "worst_sample": worst_id, "tolerance": tol,
+              "ok": worst <= tol}
+    log.info("cache verify: %d samples re-encoded, max relative error %.2e (tolerance %.0e)%s", len(pick), worst, tol,
+             "" if result["ok"] else f": MISMATCH at {worst_id}")
+    return result

@@ -5,7 +5,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from vla_ds.commands import HELP_FORMAT
+from vla_ds.cli.common import HELP_FORMAT
 from vla_ds.errors import UsageError
 
 log = logging.getLogger(__name__)

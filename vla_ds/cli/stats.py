@@ -5,7 +5,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from vla_ds.commands import HELP_FORMAT
+from vla_ds.cli.common import HELP_FORMAT
 from vla_ds.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -31,10 +31,7 @@ def run(args: argparse.Namespace) -> int:
         if len(args.data) != 1 or not Path(args.data[0]).is_dir():
             raise UsageError("--out is required when several dataset dirs or a glob are given")
         args.out = Path(args.data[0]) / STATS_FILE
-    try:
-        stats = compute_stats(args.data)
-    except (FileNotFoundError, ValueError) as e:
-        raise UsageError(str(e)) from None
+    stats = compute_stats(args.data)
     path = stats.save(args.out)
     c = stats.counts
     log.info("%d episodes, %d action steps, %d sensor rows", c["episodes"], c["action_steps"], c["sensor_rows"])

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 
+from vla_ds.cli.common import HELP_FORMAT, launcher_parser, run_command
+
 DESCRIPTION = (
     "Run --warmup-steps + --steps real training steps of the configuration the training flags describe and report "
     "peak memory per phase (model load, engine init, forward, backward, optimizer step) and per kind (parameters, "
@@ -32,12 +34,18 @@ def add_profile_flags(p: argparse.ArgumentParser) -> None:
 
 
 def add_parser(sub, name: str) -> None:
-    from vla_ds.commands import HELP_FORMAT
-
     p = sub.add_parser(name, help="measure the memory and speed of a training configuration",
                        description=DESCRIPTION, formatter_class=HELP_FORMAT)
     add_profile_flags(p)
     p.set_defaults(run=run)
+
+
+def options(args: argparse.Namespace):
+    """The profiler's own settings from its flags (a one-line UsageError when out of range)."""
+    from vla_ds.profiling.run import ProfileOptions
+
+    return ProfileOptions(steps=args.steps, warmup_steps=args.warmup_steps, gpu_mem_limit=args.gpu_mem_limit,
+                          memory_snapshot=args.memory_snapshot, label=args.label)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,16 +53,11 @@ def run(args: argparse.Namespace) -> int:
     import logging
 
     from vla_ds.config import resolve_config
-    from vla_ds.errors import UsageError
-    from vla_ds.profiling.run import OOM_EXIT, ProfileOOM, ProfileOptions, profile
+    from vla_ds.profiling.run import OOM_EXIT, ProfileOOM, profile
     from vla_ds.utils.dist import process_group_cleanup
 
     log = logging.getLogger("vla_ds")
-    try:
-        opts = ProfileOptions(steps=args.steps, warmup_steps=args.warmup_steps, gpu_mem_limit=args.gpu_mem_limit,
-                              memory_snapshot=args.memory_snapshot, label=args.label)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    opts = options(args)
     cfg = resolve_config(args)
     with process_group_cleanup():
         try:
@@ -68,3 +71,10 @@ def run(args: argparse.Namespace) -> int:
     log.info("peak %.2f GiB (%s), %.2f samples/s%s; report: %s/profile.{json,md,png}", s["peak_gib"],
              result["memory_source"], s["samples_per_s"] or 0.0, fits, cfg.run.output_dir)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m vla_ds.profiling` (e.g. under torchrun): the same flags as `vla-ds profile`."""
+    p = launcher_parser("python -m vla_ds.profiling", DESCRIPTION)
+    add_profile_flags(p)
+    return run_command("profile", p.parse_args(argv), run)

@@ -1,0 +1,216 @@
+"""How the VL feature cache is laid out on disk, and the build's writing side (plan, shards, lock).
+
+```
+CACHE_DIR/
+  cache.json             format, fingerprint (what produced the features), layout (D, K = --vl-tokens
+                         as "vl_tokens", dtype, token pooling)
+  plan.json              every shard ever planned: name -> sample ids (fixed once planned, so a
+                         resumed or N-process build encodes exactly the same batches)
+  manifest.json          sample id -> (shard, row), per-episode key, bad samples; rewritten by rank 0
+                         at the end of each build from the shard commits
+  shards/NNNNNN.pooled.npy       (n, D)    float16 (or float32)
+  shards/NNNNNN.tokens.npy       (n, K, D) only for --vl-tokens K > 0
+  shards/NNNNNN.tokens_mask.npy  (n, K)    bool
+  shards/NNNNNN.json     the shard's commit: its rows' sample ids, episode keys, bad samples.
+                         Written (atomically) after its arrays, so a shard without it is unfinished
+                         and never enters the manifest.
+  .lock                  pid + host of the build holding the directory
+```
+Readers (vla_ds/cache/reader.py) open `.npy` shards by memory map, lazily, in each DataLoader
+worker. What produced the features is the fingerprint (vla_ds/cache/fingerprint.py).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+
+from vla_ds.errors import UsageError
+from vla_ds.utils.io import atomic_file, write_json
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1  # bump when the layout or the meaning of stored features changes
+INFO_FILE, PLAN_FILE, MANIFEST_FILE, LOCK_FILE, SHARDS = "cache.json", "plan.json", "manifest.json", ".lock", "shards"
+ARRAYS = ("pooled", "tokens", "tokens_mask")
+
+
+def cache_dir_of(cfg) -> Path:
+    """--cache-dir, default OUTPUT_DIR/../vl_cache (shared by the runs of one runs/ folder)."""
+    return Path(cfg.run.cache_dir) if cfg.run.cache_dir else Path(cfg.run.output_dir).parent / "vl_cache"
+
+
+def layout_vl_tokens(layout: dict) -> int:
+    """K, the VL tokens per sample of a cache.json layout (written as "tokens" before vla-ds named
+    it "vl_tokens" everywhere; both read)."""
+    return int(layout["vl_tokens"] if "vl_tokens" in layout else layout["tokens"])
+
+
+def episode_of(sample_id: str) -> str:
+    return sample_id.rsplit(":", 1)[0]
+
+
+def read_json(path: Path):
+    return json.loads(Path(path).read_text())
+
+
+# ------------------------------------------------------------------------------------------ lock
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a killed but not yet reaped child still answers kill(0): count zombies as dead
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+class CacheLock:
+    """One build per cache directory: `.lock` is created exclusively (O_EXCL) and names its holder.
+
+    A lock left by a process that no longer runs on this host (a killed build) is taken over; a
+    live holder, or one on another host (cannot be checked), makes the build refuse.
+    """
+
+    def __init__(self, cache_dir: Path):
+        self.path = Path(cache_dir) / LOCK_FILE
+        self.held = False
+
+    def acquire(self) -> CacheLock:
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    holder = json.loads(self.path.read_text() or "{}")
+                except (OSError, ValueError):
+                    holder = {}
+                pid, host = holder.get("pid"), holder.get("host")
+                if isinstance(pid, int) and host == me["host"] and not _pid_alive(pid):
+                    log.warning("cache: taking over %s left by pid %d, which no longer runs", self.path, pid)
+                    self.path.unlink(missing_ok=True)
+                    continue
+                raise UsageError(f"--cache-dir {self.path.parent}: another cache build holds it (pid {pid} on {host}, "
+                                 f"since {holder.get('since')}); wait for it, or delete {self.path} if it is gone") from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return self
+        raise UsageError(f"--cache-dir {self.path.parent}: could not take {self.path}; is another build starting?")
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+# ------------------------------------------------------------------------------------------ writing
+def shard_path(cache_dir: Path, name: str, what: str) -> Path:
+    return Path(cache_dir) / SHARDS / (f"{name}.json" if what == "commit" else f"{name}.{what}.npy")
+
+
+def read_commit(cache_dir: Path, name: str) -> dict | None:
+    path = shard_path(cache_dir, name, "commit")
+    return read_json(path) if path.exists() else None
+
+
+def write_shard(cache_dir: Path, name: str, arrays: dict[str, np.ndarray], sample_ids: list[str],
+                episodes: dict[str, str], bad: dict[str, str], written_by: dict | None = None,
+                before_commit=None) -> dict:
+    """Write a shard's arrays (each atomically), then its commit. `before_commit` is a test hook
+    (simulated crash between the arrays and the commit)."""
+    files = {}
+    for what, arr in arrays.items():
+        path = shard_path(cache_dir, name, what)
+        with atomic_file(path, "wb") as f:
+            np.save(f, np.ascontiguousarray(arr), allow_pickle=False)
+        files[path.name] = path.stat().st_size
+    if before_commit is not None:
+        before_commit()
+    commit = {"name": name, "rows": len(sample_ids), "samples": sample_ids, "episodes": episodes, "bad": bad,
+              "files": files, "written_by": written_by or {}}
+    write_json(shard_path(cache_dir, name, "commit"), commit)
+    return commit
+
+
+def remove_leftovers(cache_dir: Path, planned: set[str]) -> int:
+    """Delete temporary files of killed writers and files of shards no longer planned. Only under
+    the lock (no writer is running), and once per build: never a listing per write."""
+    removed = 0
+    shards = Path(cache_dir) / SHARDS
+    if not shards.is_dir():
+        return 0
+    for p in shards.iterdir():
+        if p.name.startswith(".") or p.name.split(".", 1)[0] not in planned:
+            p.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def plan_shards(cache_dir: Path, samples: dict[str, str], shard_size: int) -> tuple[list[dict], list[dict]]:
+    """Extend `plan.json` so that every sample of `samples` {id: episode key} (in dataset order) is
+    in a committed or a pending shard; return (pending shards, commits).
+
+    A committed row counts only if its episode key still matches (a re-ingested episode or changed
+    instruction is re-encoded). A pending shard is kept as planned (so a resumed build encodes the
+    same batches) unless one of its samples left the dataset or changed; then it is re-planned.
+    Samples recorded bad are retried.
+    """
+    path = Path(cache_dir) / PLAN_FILE
+    plan = read_json(path)["shards"] if path.exists() else []
+    found = {shard["name"]: read_commit(cache_dir, shard["name"]) for shard in plan}
+    commits = [c for c in found.values() if c is not None]
+    covered = {s for c in commits for s in c["samples"] if samples.get(s) == c["episodes"].get(episode_of(s))}
+    kept, pending = [shard for shard in plan if found[shard["name"]] is not None], []
+    for shard in plan:
+        if found[shard["name"]] is None and all(
+                s in samples and s not in covered and samples[s] == shard["episodes"].get(episode_of(s))
+                for s in shard["samples"]):
+            kept.append(shard)
+            pending.append(shard)
+            covered.update(shard["samples"])
+    missing = [s for s in samples if s not in covered]
+    next_index = 1 + max((int(s["name"]) for s in plan), default=-1)
+    for k in range(0, len(missing), shard_size):
+        ids = missing[k : k + shard_size]
+        shard = {"name": f"{next_index:06d}", "samples": ids,
+                 "episodes": {episode_of(s): samples[s] for s in ids}}
+        next_index += 1
+        kept.append(shard)
+        pending.append(shard)
+    kept.sort(key=lambda s: s["name"])
+    if kept != plan:
+        write_json(path, {"shards": kept})
+    return pending, commits
+
+
+def write_manifest(cache_dir: Path, bad: dict[str, str]) -> dict:
+    """Consolidate the commits of all planned shards into manifest.json (later shards win; rows of an
+    episode whose key changed are dropped). Returns the manifest."""
+    plan = read_json(Path(cache_dir) / PLAN_FILE)["shards"] if (Path(cache_dir) / PLAN_FILE).exists() else []
+    shards, rows, episodes = [], {}, {}
+    for shard in plan:
+        commit = read_commit(cache_dir, shard["name"])
+        if commit is None or not commit["rows"]:
+            continue
+        si = len(shards)
+        shards.append({"name": commit["name"], "rows": commit["rows"]})
+        episodes.update(commit["episodes"])
+        for r, s in enumerate(commit["samples"]):
+            rows[s] = (si, r, commit["episodes"][episode_of(s)])
+    samples = {s: [si, r] for s, (si, r, key) in rows.items() if episodes.get(episode_of(s)) == key}
+    manifest = {"format": FORMAT, "rows": sum(s["rows"] for s in shards), "shards": shards, "samples": samples,
+                "episodes": episodes, "bad": {s: why for s, why in bad.items() if s not in samples}}
+    write_json(Path(cache_dir) / MANIFEST_FILE, manifest)
+    return manifest
+
+

@@ -1,0 +1,50 @@
+"""`vla-ds` command line: one entry, one subcommand per job. The only layer that parses argv;
+nothing in the library imports it.
+
+Each subcommand lives in its own module here exposing `add_parser(subparsers, name)` (flags, with
+defaults shown in `--help`, and `run` set as the handler); the work lives in the library. Those
+modules import torch/transformers only inside their handlers, so `vla-ds --help` stays fast. The
+jobs that launchers start (`python -m vla_ds.train|cache|profiling`, `torchrun -m vla_ds ...`)
+enter through the same modules. `main(argv)` is importable and returns the exit code, so tests
+call it in-process.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+
+from vla_ds import __version__
+from vla_ds.cli.common import HELP_FORMAT, add_verbose_flag, run_command
+
+SUBCOMMANDS = {
+    "demo": "vla_ds.cli.demo",
+    "tiny-model": "vla_ds.cli.tiny_model",
+    "preprocess": "vla_ds.cli.preprocess",
+    "stats": "vla_ds.cli.stats",
+    "cache": "vla_ds.cli.cache",
+    "train": "vla_ds.cli.train",
+    "plot": "vla_ds.cli.plot",
+    "convert": "vla_ds.cli.convert",
+    "profile": "vla_ds.cli.profile",
+    "plan": "vla_ds.cli.plan",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vla-ds",
+        description="Train QwenVLA policies for robotic needle insertion with DeepSpeed.",
+        formatter_class=HELP_FORMAT,
+    )
+    parser.add_argument("--version", action="version", version=f"vla-ds {__version__}")
+    add_verbose_flag(parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, module in SUBCOMMANDS.items():
+        importlib.import_module(module).add_parser(sub, name)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_command(args.command, args, args.run)
+

@@ -1,0 +1,60 @@
+"""`vla-ds train [flags]`: train QwenVLA with DeepSpeed (single process, or under a launcher).
+
+Also the launcher entry `python -m vla_ds.train --mode train|cache ...` / `launch/train.py`
+(`launcher_main`), which works under `deepspeed --num_gpus N`, `torchrun --nproc_per_node N` and as
+a single process; the launcher's `--local_rank` is accepted. `--mode cache` keeps the old
+trainer's command lines working: it builds the VL feature cache with the same flags.
+"""
+from __future__ import annotations
+
+import argparse
+
+from vla_ds.cli.common import HELP_FORMAT, launcher_parser, run_command
+
+DESCRIPTION = ("Train QwenVLA with DeepSpeed (or build its VL feature cache with --mode cache). Multi-process: "
+               "torchrun --nproc_per_node N -m vla_ds.train --mode train ... or deepspeed --num_gpus N "
+               "launch/train.py --mode train ...")
+
+
+def add_parser(sub, name: str) -> None:
+    from vla_ds.config import add_config_flags
+
+    p = sub.add_parser(name, help="train QwenVLA with DeepSpeed (flags of the old trainer; see docs/training.md)",
+                       description=DESCRIPTION, formatter_class=HELP_FORMAT)
+    add_config_flags(p)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Collective. Resolve the config, then train (or build the cache)."""
+    from vla_ds.config import resolve_config
+    from vla_ds.utils.dist import process_group_cleanup
+
+    cfg = resolve_config(args)
+    with process_group_cleanup():
+        if cfg.run.mode == "cache":
+            from vla_ds.cache import build_cache
+
+            build_cache(cfg)
+        else:
+            from vla_ds.train.loop import train
+
+            train(cfg)
+    return 0
+
+
+def build_launcher_parser(prog: str = "python -m vla_ds.train") -> argparse.ArgumentParser:
+    """The old trainer's command line: every training flag, and --mode required."""
+    from vla_ds.config import add_config_flags
+
+    p = launcher_parser(prog, DESCRIPTION)
+    add_config_flags(p)
+    for action in p._actions:
+        if action.dest == "mode":
+            action.required = True
+    return p
+
+
+def launcher_main(argv: list[str] | None = None) -> int:
+    """`python -m vla_ds.train` and `launch/train.py`."""
+    return run_command("train", build_launcher_parser().parse_args(argv), run)
