@@ -5,6 +5,12 @@
 #   bash launch/setup.sh                      # creates ./.venv if absent
 #   VLA_DS_VENV=/path/to/venv bash launch/setup.sh
 #   VLA_DS_SYSTEM_SITE=1 bash launch/setup.sh # new venv sees the system's (e.g. CUDA) torch
+#   VLA_DS_INSTALLER=pip bash launch/setup.sh # pip only (default: uv, falling back to pip)
+#
+# vla-ds and its dependencies are installed by uv (pip-installed into the venv first) because it
+# installs the same versions ~4x faster (measured here: 23 s against 105 s of pip, mostly pip's
+# serial unpacking and byte-compiling); if uv is not available or fails (e.g. a private index that
+# only pip's config knows), pip does it.
 #
 # torch is installed (torch==2.13.0) only when none is importable in the venv, so a CUDA build
 # that is already there is kept; pip is never left to resolve torch by itself, because an
@@ -40,8 +46,18 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] \
   echo "[setup] up to date ($venv)"
   exit 0
 fi
-echo "[setup] pip install -e .[dev]"
-"${pip[@]}" -e ".[dev]"
+# uv may keep torch exactly as it is (the constraint), never resolve another one: where it cannot
+# see the installed torch (a system one, VLA_DS_SYSTEM_SITE=1) it fails on that and pip installs.
+installer=${VLA_DS_INSTALLER:-uv}
+keep_torch="$venv/.vla-ds-torch.txt"
+"$vpy" -c "import torch; print('torch==' + torch.__version__)" > "$keep_torch"
+if [ "$installer" = uv ] && "${pip[@]}" "uv>=0.5,<1" >/dev/null 2>&1 && echo "[setup] uv pip install -e .[dev]" \
+   && "$venv/bin/uv" pip install -q --python "$vpy" --constraint "$keep_torch" -e ".[dev]"; then
+  :
+else
+  echo "[setup] pip install -e .[dev]"
+  "${pip[@]}" -e ".[dev]"
+fi
 "$vpy" -c "import vla_ds, torch, deepspeed, transformers, peft, bitsandbytes, safetensors" >/dev/null
 echo "$want" > "$stamp"
 "$vpy" - <<'PY'
