@@ -50,7 +50,7 @@ fi
 # see the installed torch (a system one, VLA_DS_SYSTEM_SITE=1) it fails on that and pip installs.
 installer=${VLA_DS_INSTALLER:-uv}
 keep_torch="$venv/.vla-ds-torch.txt"
-"$vpy" -c "import torch; print('torch==' + torch.__version__)" > "$keep_torch"
+"$vpy" -c "import torch; print('torch==' + torch.__version__)" > "$keep_torch" 2>/dev/null
 if [ "$installer" = uv ] && "${pip[@]}" "uv>=0.5,<1" >/dev/null 2>&1 && echo "[setup] uv pip install -e .[dev]" \
    && "$venv/bin/uv" pip install -q --python "$vpy" --constraint "$keep_torch" -e ".[dev]"; then
   :

@@ -62,6 +62,25 @@ def _one_intra_op_thread(request):
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def in_process_group(monkeypatch):
+    """For a test that runs a collective entry point inside pytest as a group of one: its own free
+    MASTER_PORT, and the launcher variables `init_distributed` sets (RANK, WORLD_SIZE, ...) undone
+    afterwards, so no later subprocess inherits them; any group left is destroyed."""
+    from vla_ds.utils.dist import free_port
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    yield
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
+        monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return _REPO
@@ -78,63 +97,39 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def train_data(tmp_path_factory) -> Path:
     """2 raw sessions with sensor + 2 frame-list sessions without: ~28 samples."""
-    from tests.helpers.datasets import make_train_data
+    from tests.helpers.datasets import TRAIN, make_dataset
 
-    return make_train_data(tmp_path_factory.mktemp("train_data"))
+    return make_dataset(tmp_path_factory.mktemp("train_data"), TRAIN)
 
 
 @pytest.fixture(scope="session")
 def learn_data(tmp_path_factory) -> Path:
     """A learnable task: 5 samples (2 with sensor) that a small head fits in a few dozen steps."""
-    from tests.helpers.datasets import make_learn_data
+    from tests.helpers.datasets import LEARN, make_dataset
 
-    return make_learn_data(tmp_path_factory.mktemp("learn_data"))
+    return make_dataset(tmp_path_factory.mktemp("learn_data"), LEARN)
 
 
 @pytest.fixture(scope="session")
 def learn_data_x4(tmp_path_factory) -> Path:
     """The same task, each episode 4 times over: 20 samples, 5 distinct; an epoch (and so an
     epoch-end checkpoint) every 5 optimizer steps at 2 processes x micro-batch 2, not every step."""
-    from tests.helpers.datasets import make_learn_data
+    from tests.helpers.datasets import LEARN, make_dataset
 
-    return make_learn_data(tmp_path_factory.mktemp("learn_data_x4"), repeat=4)
-
-
-def _lora_run(root: Path, data: Path, backbone: Path, stage: int) -> Path:
-    """2 processes, LoRA + sensor, 2 optimizer steps, one checkpoint at step 2. A large --vl-lr moves
-    the LoRA adapters well away from their zero init in two steps, so a merge that forgot them
-    would show. Launched the two ways users launch on one machine, so these runs are also the
-    launcher tests' (tests/train/test_launchers.py): ZeRO-2 by launch/train_cpu.sh (torchrun), ZeRO-3
-    by the deepspeed launcher with launch/train.py. Their output is kept in RUN/launch.log."""
-    import subprocess
-
-    from tests.helpers.runs import SMALL
-    from vla_ds.utils.dist import free_port
-
-    out = root / f"zero{stage}"
-    args = ["--data", str(data), "--backbone", str(backbone), "--output-dir", str(out), "--batch-size", "2",
-            "--grad-accum-steps", "1", "--log-every", "1", "--val-ratio", "0", "--max-steps", "2", "--save-every", "2",
-            "--sensor-enabled", "--finetune-vl", "lora", "--lr", "2e-3", "--sensor-lr", "2e-3", "--vl-lr", "5e-2", *SMALL]
-    if stage == 2:
-        cmd = ["bash", str(_REPO / "launch" / "train_cpu.sh"), *args]
-    else:
-        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-               str(_REPO / "launch" / "train.py"), "--mode", "train", "--ds-config", f"zero{stage}", *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", WANDB_MODE="disabled", PYTHON=sys.executable)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=420, env=env, cwd=_REPO)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "launch.log").write_text(proc.stdout + proc.stderr)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-5000:]
-    return out
+    return make_dataset(tmp_path_factory.mktemp("learn_data_x4"), LEARN, repeat=4)
 
 
 @pytest.fixture(scope="session")
 def zero2_run(tmp_path_factory, train_data, tiny_model_dir) -> Path:
-    """A finished ZeRO-2 run (see `_lora_run`): RUN/checkpoints/step_000002 = latest = final. Read-only."""
-    return _lora_run(tmp_path_factory.mktemp("lora_runs"), train_data, tiny_model_dir, 2)
+    """A finished ZeRO-2 run (tests/helpers/runs.py `lora_run`): RUN/checkpoints/step_000002 = latest = final. Read-only."""
+    from tests.helpers.runs import lora_run
+
+    return lora_run(tmp_path_factory.mktemp("lora_runs"), train_data, tiny_model_dir, 2)
 
 
 @pytest.fixture(scope="session")
 def zero3_run(tmp_path_factory, train_data, tiny_model_dir) -> Path:
     """The same under ZeRO-3. Read-only."""
-    return _lora_run(tmp_path_factory.mktemp("lora_runs"), train_data, tiny_model_dir, 3)
+    from tests.helpers.runs import lora_run
+
+    return lora_run(tmp_path_factory.mktemp("lora_runs"), train_data, tiny_model_dir, 3)

@@ -64,8 +64,16 @@ def _check(proc: subprocess.CompletedProcess, what: str) -> None:
         raise RuntimeError(f"demo {what} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
 
 
+KILL_AT = 15  # the second training stage is SIGKILLed after this optimizer step, then resumed
+
+
 def run_demo(out: str | Path, seed: int = 0, train_steps: int = 40) -> dict:
     """Run every demo stage under `out`; return where each artefact went."""
+    from vla_ds.errors import UsageError
+
+    if train_steps <= KILL_AT:
+        raise UsageError(f"--train-steps {train_steps}: the demo kills its second run at step {KILL_AT} and resumes "
+                         f"it, so give more than {KILL_AT} steps")
     from vla_ds.data.ingest import IngestOptions, log_summary, preprocess
     from vla_ds.data.stats import compute_stats
     from vla_ds.model.tiny import write_tiny_model
@@ -109,8 +117,9 @@ def run_demo(out: str | Path, seed: int = 0, train_steps: int = 40) -> dict:
     head_args = [*common, "--output-dir", str(head_run), "--finetune-vl", "none", "--vl-tokens", "5",
                  "--cache-dir", str(cache), "--cache-policy", "require", "--fusion-strategy", "cross_attention",
                  "--max-steps", str(train_steps), "--save-every", "10"]
-    log.info("[7/%d] frozen backbone, head trained from the VL cache; SIGKILL at step 15, then resumed", STAGES)
-    killed = torchrun(head_args, env={"VLA_DS_FAULT": "kill_at_step:15"})
+    log.info("[7/%d] frozen backbone, head trained from the VL cache; SIGKILL at step %d, then resumed", STAGES,
+             KILL_AT)
+    killed = torchrun(head_args, env={"VLA_DS_FAULT": f"kill_at_step:{KILL_AT}"})
     if killed.returncode == 0:
         raise RuntimeError("demo: the injected crash did not happen")
     latest = os.readlink(head_run / "checkpoints" / "latest")

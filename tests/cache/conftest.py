@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from tests.helpers.cache import build_reference, make_cfg
-from tests.helpers.datasets import make_cache_data
+from tests.helpers.datasets import CACHE, make_dataset
 
 
 @pytest.fixture(scope="session")
 def cache_data(tmp_path_factory) -> Path:
-    return make_cache_data(tmp_path_factory.mktemp("cache_data"))
+    return make_dataset(tmp_path_factory.mktemp("cache_data"), CACHE, stats=False)
 
 
 @pytest.fixture

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
-from vla_ds.utils.dist import torchrun
+from vla_ds.utils.dist import free_port, torchrun
 
+REPO = Path(__file__).resolve().parents[2]
 # Small head sizes: the point of these tests is the training machinery, not the model's capacity.
 SMALL = [
     "--sensor-hidden-dim", "32", "--sensor-output-dim", "32", "--sensor-num-heads", "2",
@@ -46,8 +50,8 @@ def run_many(runs: list[list[str]], spec: Path, nproc: int = 2, timeout: int = 9
     (tests/helpers/run_many.py); returns the launch. `spec` is where the list is written."""
     spec.parent.mkdir(parents=True, exist_ok=True)
     spec.write_text(json.dumps(runs))
-    repo = str(Path(__file__).resolve().parents[2])  # `-m tests.helpers.run_many` from any cwd
-    proc = torchrun("tests.helpers.run_many", [str(spec)], nproc=nproc, env={"PYTHONPATH": repo, **(env or {})},
+    # `-m tests.helpers.run_many` from any cwd
+    proc = torchrun("tests.helpers.run_many", [str(spec)], nproc=nproc, env={"PYTHONPATH": str(REPO), **(env or {})},
                     timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc
@@ -58,3 +62,26 @@ def run_trainings(runs: list[list[str]], spec: Path, nproc: int = 2, timeout: in
     [metrics rows of each run]). A run refused with a one-line error has no rows (see its run.log)."""
     proc = run_many([["train", *a] for a in runs], spec, nproc=nproc, timeout=timeout, env=env)
     return proc, [metrics_rows(Path(a[a.index("--output-dir") + 1])) for a in runs]
+
+
+def lora_run(root: Path, data: Path, backbone: Path, stage: int) -> Path:
+    """2 processes, LoRA + sensor, 2 optimizer steps, one checkpoint at step 2. A large --vl-lr moves
+    the LoRA adapters well away from their zero init in two steps, so a merge that forgot them
+    would show. Launched the two ways users launch on one machine, so these runs are also the
+    launcher tests' (tests/train/test_launchers.py): ZeRO-2 by launch/train_cpu.sh (torchrun), ZeRO-3
+    by the deepspeed launcher with launch/train.py. Their output is kept in RUN/launch.log."""
+    out = root / f"zero{stage}"
+    args = ["--data", str(data), "--backbone", str(backbone), "--output-dir", str(out), "--batch-size", "2",
+            "--grad-accum-steps", "1", "--log-every", "1", "--val-ratio", "0", "--max-steps", "2", "--save-every", "2",
+            "--sensor-enabled", "--finetune-vl", "lora", "--lr", "2e-3", "--sensor-lr", "2e-3", "--vl-lr", "5e-2", *SMALL]
+    if stage == 2:
+        cmd = ["bash", str(REPO / "launch" / "train_cpu.sh"), *args]
+    else:
+        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+               str(REPO / "launch" / "train.py"), "--mode", "train", "--ds-config", f"zero{stage}", *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", WANDB_MODE="disabled", PYTHON=sys.executable)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=420, env=env, cwd=REPO)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "launch.log").write_text(proc.stdout + proc.stderr)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-5000:]
+    return out

@@ -93,11 +93,15 @@ def test_pointers_follow_validation_and_old_checkpoints_are_pruned(runs):
     assert f"step_{best_step:06d}" in kept and "step_000010" in kept and len(kept) <= 3
 
 
-def test_resume_refuses_another_world_size_or_model(tmp_path, train_data, tiny_model_dir, zero2_run, runs):
+def test_resume_refuses_another_world_size_or_model(tmp_path, train_data, tiny_model_dir, zero2_run, runs, capfd,
+                                                    in_process_group):
+    from vla_ds.cli.train import launcher_main
+
     out = tmp_path / "run"
     shutil.copytree(zero2_run, out, symlinks=True)  # 2 processes, LoRA + sensor, the model of _args
-    proc, _ = run_training(_args(train_data, tiny_model_dir, out, "--max-steps", "4"), nproc=1, expect_ok=False)
-    line = [ln for ln in proc.stderr.splitlines() if "vla-ds train:" in ln]
+    # one process: the training entry inside this process, a group of one
+    assert launcher_main(["--mode", "train", *_args(train_data, tiny_model_dir, out, "--max-steps", "4")]) == 2
+    line = [ln for ln in capfd.readouterr().err.splitlines() if "vla-ds train:" in ln]
     assert len(line) == 1 and "2 process(es)" in line[0] and "vla-ds convert" in line[0]
     refused = runs["refused"]
     line = [ln for ln in refused["log"].splitlines() if "vla-ds train:" in ln]

@@ -1,6 +1,6 @@
 """The launch paths users have on one machine: launch/train_cpu.sh (torchrun) and the deepspeed
 launcher (which passes --local_rank to every process). The session's shared runs are launched
-these two ways (tests/conftest.py `_lora_run`); here is what their launches showed."""
+these two ways (tests/helpers/runs.py `lora_run`); here is what their launches showed."""
 from __future__ import annotations
 
 import pytest

@@ -3,10 +3,11 @@ sane and consistent, and `vla-ds plan`'s model-state estimate agrees with them."
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 
-from tests.helpers.runs import SMALL, run_many, run_module
+from tests.helpers.runs import SMALL, run_many
 
 PRESETS = ("zero2", "zero3", "zero2_offload", "zero3_offload")
 PHASES = ("model_load", "engine_init", "forward", "backward", "optimizer_step")
@@ -14,30 +15,39 @@ PHASES = ("model_load", "engine_init", "forward", "backward", "optimizer_step")
 
 @pytest.fixture(scope="module")
 def profiles(tmp_path_factory, tiny_model_dir, train_data) -> dict[str, dict]:
-    """One profile per preset: full finetune (every tiny LM block trains), micro-batch 2, fp32. The
-    first through `python -m vla_ds.profiling` itself, the other three in one launch (run_many)."""
+    """One profile per preset: full finetune (every tiny LM block trains), micro-batch 2, fp32, all
+    four in one launch (run_many; `python -m vla_ds.profiling` itself: test_the_profiling_entry)."""
     root = tmp_path_factory.mktemp("profiles")
-
-    def args(preset: str) -> list[str]:
-        # zero2_offload is the preset one proves fits a 24 GiB card with; on CPU there is nothing to cap
-        limit = ["--gpu-mem-limit", "24"] if preset == "zero2_offload" else []
-        return ["--data", str(train_data), "--backbone", str(tiny_model_dir), "--finetune-vl", "full", "--batch-size",
-                "2", "--grad-accum-steps", "1", "--ds-config", preset, "--output-dir", str(root / preset), "--steps",
-                "2", "--warmup-steps", "1", *limit, *SMALL]
-
-    first, rest = PRESETS[0], PRESETS[1:]
-    proc = run_module("vla_ds.profiling", args(first))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    (root / first / "run.log").write_text(proc.stdout + proc.stderr)
-    run_many([["profile", *args(p)] for p in rest], root / "runs.json")
+    run_many([["profile", *_args(root / preset, train_data, tiny_model_dir, preset)] for preset in PRESETS],
+             root / "runs.json")
     out = {}
     for preset in PRESETS:
         result = json.loads((root / preset / "profile.json").read_text())
         result["_dir"] = root / preset
         result["_log"] = (root / preset / "run.log").read_text()
         out[preset] = result
-    assert "samples/s; report: " in out[first]["_log"], "the entry's closing line"
     return out
+
+
+def _args(out, train_data, tiny_model_dir, preset: str) -> list[str]:
+    # zero2_offload is the preset one proves fits a 24 GiB card with; on CPU there is nothing to cap
+    limit = ["--gpu-mem-limit", "24"] if preset == "zero2_offload" else []
+    return ["--data", str(train_data), "--backbone", str(tiny_model_dir), "--finetune-vl", "full", "--batch-size", "2",
+            "--grad-accum-steps", "1", "--ds-config", preset, "--output-dir", str(out), "--steps", "2",
+            "--warmup-steps", "1", *limit, *SMALL]
+
+
+def test_the_profiling_entry(tmp_path, train_data, tiny_model_dir, in_process_group, caplog):
+    """`python -m vla_ds.profiling` (what launch/profile_memory.sh runs) as a process of one, here."""
+    from vla_ds.cli.profile import main
+
+    out = tmp_path / "profile"
+    with caplog.at_level(logging.INFO):
+        assert main([*_args(out, train_data, tiny_model_dir, "zero2"), "--steps", "1", "--warmup-steps", "0"]) == 0
+    result = json.loads((out / "profile.json").read_text())
+    assert result["status"] == "ok" and result["world_size"] == 1 and len(result["step_seconds"]) == 1
+    assert (out / "profile.md").is_file() and (out / "profile.png").is_file()
+    assert f"samples/s; report: {out}/profile." in caplog.text, "the entry's closing line"
 
 
 def states(result: dict, kind: str, place: str, rank: int = 0) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from vla_ds.cli.common import HELP_FORMAT, launcher_parser, run_command
+from vla_ds.cli.common import launcher_parser, run_command, subcommand
 
 log = logging.getLogger("vla_ds")
 
@@ -33,16 +33,13 @@ def add_cache_flags(p: argparse.ArgumentParser) -> None:
 
 
 def add_parser(sub, name: str) -> None:
-    p = sub.add_parser(
-        name,
-        help="encode every sample once with the frozen backbone (VL feature cache for --finetune-vl none)",
-        description="Build or resume the VL feature cache of all samples of --data in --cache-dir (default: "
-        "OUTPUT_DIR/../vl_cache), or check it with --verify. Multi-process: torchrun --nproc_per_node N "
-        "-m vla_ds.cache ... See docs/cache.md.",
-        formatter_class=HELP_FORMAT,
-    )
+    p = subcommand(sub, name, run,
+                   help="encode every sample once with the frozen backbone (VL feature cache for "
+                        "--finetune-vl none)",
+                   description="Build or resume the VL feature cache of all samples of --data in --cache-dir "
+                               "(default: OUTPUT_DIR/../vl_cache), or check it with --verify. Multi-process: "
+                               "torchrun --nproc_per_node N -m vla_ds.cache ... See docs/cache.md.")
     add_cache_flags(p)
-    p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:

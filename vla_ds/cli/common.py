@@ -12,6 +12,13 @@ log = logging.getLogger("vla_ds")
 HELP_FORMAT = argparse.ArgumentDefaultsHelpFormatter
 
 
+def subcommand(sub, name: str, run, *, help: str, description: str) -> argparse.ArgumentParser:
+    """The parser of subcommand `name` (defaults shown in --help), with `run(args)` as its handler."""
+    p = sub.add_parser(name, help=help, description=description, formatter_class=HELP_FORMAT)
+    p.set_defaults(run=run)
+    return p
+
+
 def add_verbose_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging with timestamps and ranks")
 

@@ -5,19 +5,19 @@ import argparse
 import logging
 from pathlib import Path
 
+from vla_ds.cli.common import subcommand
+
 log = logging.getLogger(__name__)
 
 
 def add_parser(sub, name: str) -> None:
-    from vla_ds.cli.common import HELP_FORMAT
-
-    p = sub.add_parser(
-        name, help="DeepSpeed checkpoint -> plain safetensors + a policy that predicts without DeepSpeed",
-        description="Gather a ZeRO-2/3 checkpoint into OUT_DIR: model.safetensors (or shards + index), policy/ "
-        "(QwenVLA.from_pretrained) and, with --merge-lora, backbone/ (a Qwen2.5-VL directory with the LoRA merged). "
-        "CHECKPOINT: a step directory, a pointer (RUN/checkpoints/latest|best|final), a run directory, or a raw "
-        "DeepSpeed directory with --policy-config. See docs/checkpoints.md.",
-        formatter_class=HELP_FORMAT)
+    p = subcommand(sub, name, run,
+                   help="DeepSpeed checkpoint -> plain safetensors + a policy that predicts without DeepSpeed",
+                   description="Gather a ZeRO-2/3 checkpoint into OUT_DIR: model.safetensors (or shards + index), "
+                               "policy/ (QwenVLA.from_pretrained) and, with --merge-lora, backbone/ (a Qwen2.5-VL "
+                               "directory with the LoRA merged). CHECKPOINT: a step directory, a pointer "
+                               "(RUN/checkpoints/latest|best|final), a run directory, or a raw DeepSpeed "
+                               "directory with --policy-config. See docs/checkpoints.md.")
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="step directory, pointer, run directory or DeepSpeed dir")
     p.add_argument("out_dir", metavar="OUT_DIR", type=Path, help="output directory (new, or an earlier convert output)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
@@ -37,7 +37,6 @@ def add_parser(sub, name: str) -> None:
                    "the checkpoint's")
     p.add_argument("--backbone", default=argparse.SUPPRESS, metavar="PATH",
                    help="backbone directory, if it moved since training (unset: the one in the policy config)")
-    p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -4,19 +4,19 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from vla_ds.cli.common import HELP_FORMAT
+from vla_ds.cli.common import subcommand
 
 
 def add_parser(sub, name: str) -> None:
     from vla_ds.profiling.plan import DEFAULT_BACKBONE, MICRO_BATCHES, MODES, PRESETS
 
-    p = sub.add_parser(
-        name, help="estimate memory of every ds config x finetune mode x micro-batch; recommend what fits",
-        description="Estimate per-GPU memory (model states exact from a meta-device model, activations modelled) "
-        "for every preset x finetune mode x micro-batch and recommend, per mode, the fastest configuration that fits "
-        "--gpu-mem. Needs only the backbone's config (a model directory or a config.json); no weights. "
-        "Measure a candidate with `vla-ds profile --gpu-mem-limit`. See docs/memory.md.",
-        formatter_class=HELP_FORMAT)
+    p = subcommand(sub, name, run,
+                   help="estimate memory of every ds config x finetune mode x micro-batch; recommend what fits",
+                   description="Estimate per-GPU memory (model states exact from a meta-device model, activations "
+                               "modelled) for every preset x finetune mode x micro-batch and recommend, per mode, "
+                               "the fastest configuration that fits --gpu-mem. Needs only the backbone's config "
+                               "(a model directory or a config.json); no weights. Measure a candidate with "
+                               "`vla-ds profile --gpu-mem-limit`. See docs/memory.md.")
     p.add_argument("--gpu-mem", type=float, required=True, metavar="GIB", help="memory of one GPU in GiB (e.g. 24)")
     p.add_argument("--num-gpus", type=int, default=1, help="data-parallel processes (GPUs in total)")
     p.add_argument("--backbone", default=DEFAULT_BACKBONE,
@@ -34,7 +34,6 @@ def add_parser(sub, name: str) -> None:
                    "(LoRA rank/targets, --unfreeze-last-n, head sizes) are planned")
     p.add_argument("--output", type=Path, default=None, help="also write the table (Markdown) and JSON here "
                    "(OUTPUT.md, OUTPUT.json)")
-    p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,18 +5,17 @@ import argparse
 import logging
 from pathlib import Path
 
-from vla_ds.cli.common import HELP_FORMAT
+from vla_ds.cli.common import subcommand
 
 log = logging.getLogger(__name__)
 
 
 def add_parser(sub, name: str) -> None:
-    p = sub.add_parser(name, help="plot a run's loss and learning-rate curves to PNG",
-                       description="Read RUN_DIR/metrics.jsonl and write loss and lr curves as a PNG.",
-                       formatter_class=HELP_FORMAT)
+    p = subcommand(sub, name, run,
+                   help="plot a run's loss and learning-rate curves to PNG",
+                   description="Read RUN_DIR/metrics.jsonl and write loss and lr curves as a PNG.")
     p.add_argument("run_dir", metavar="RUN_DIR", type=Path, help="a training run directory (--output-dir)")
     p.add_argument("--out", type=Path, default=None, help="PNG path (default: RUN_DIR/curves.png)")
-    p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -4,18 +4,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from vla_ds.cli.common import HELP_FORMAT
+from vla_ds.cli.common import subcommand
 
 
 def add_parser(sub, name: str) -> None:
-    p = sub.add_parser(
-        name,
-        help="ingest recorder sessions / frame-list folders into a vla-ds dataset",
-        description="Turn raw recorder sessions (recv_all_*/ with View*/, robot_state_*.csv, sensor_data_*.npz) "
-        "and pre-made frame-list folders (*_View*_single.json) into vla-ds episodes. Idempotent: unchanged "
-        "sessions are skipped.",
-        formatter_class=HELP_FORMAT,
-    )
+    p = subcommand(sub, name, run,
+                   help="ingest recorder sessions / frame-list folders into a vla-ds dataset",
+                   description="Turn raw recorder sessions (recv_all_*/ with View*/, robot_state_*.csv, "
+                               "sensor_data_*.npz) and pre-made frame-list folders (*_View*_single.json) into "
+                               "vla-ds episodes. Idempotent: unchanged sessions are skipped.")
     p.add_argument("sources", nargs="+", metavar="SRC", help="session folders, folders holding sessions, or globs")
     p.add_argument("--out", required=True, type=Path, help="dataset directory to write (DATASET_DIR)")
     p.add_argument("--instruction", default=None, help="one instruction for every session (overrides the others)")
@@ -30,7 +27,6 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--sensor-dtype", choices=["float16", "float32"], default="float16", help="storage dtype of sensor.npy")
     p.add_argument("--skip-bad", action="store_true", help="count and skip bad frames/sessions instead of stopping")
     p.add_argument("--workers", type=int, default=1, help="sessions ingested in parallel")
-    p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:

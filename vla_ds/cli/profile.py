@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from vla_ds.cli.common import HELP_FORMAT, launcher_parser, run_command
+from vla_ds.cli.common import launcher_parser, run_command, subcommand
 
 DESCRIPTION = (
     "Run --warmup-steps + --steps real training steps of the configuration the training flags describe and report "
@@ -34,10 +34,10 @@ def add_profile_flags(p: argparse.ArgumentParser) -> None:
 
 
 def add_parser(sub, name: str) -> None:
-    p = sub.add_parser(name, help="measure the memory and speed of a training configuration",
-                       description=DESCRIPTION, formatter_class=HELP_FORMAT)
+    p = subcommand(sub, name, run,
+                   help="measure the memory and speed of a training configuration",
+                   description=DESCRIPTION)
     add_profile_flags(p)
-    p.set_defaults(run=run)
 
 
 def options(args: argparse.Namespace):

@@ -5,23 +5,19 @@ import argparse
 import logging
 from pathlib import Path
 
-from vla_ds.cli.common import HELP_FORMAT
+from vla_ds.cli.common import subcommand
 from vla_ds.errors import UsageError
 
 log = logging.getLogger(__name__)
 
 
 def add_parser(sub, name: str) -> None:
-    p = sub.add_parser(
-        name,
-        help="compute action and sensor normalization statistics",
-        description="Per-dimension action stats (mean/std, q01/q99) and per-channel sensor stats (force and A-scan "
-        "channels separately) over every episode of the given datasets.",
-        formatter_class=HELP_FORMAT,
-    )
+    p = subcommand(sub, name, run,
+                   help="compute action and sensor normalization statistics",
+                   description="Per-dimension action stats (mean/std, q01/q99) and per-channel sensor stats "
+                               "(force and A-scan channels separately) over every episode of the given datasets.")
     p.add_argument("data", nargs="+", metavar="DATASET_DIR", help="dataset directories, episode directories or globs")
     p.add_argument("--out", type=Path, default=None, help="stats file (default: DATASET_DIR/stats.json; required with several dirs)")
-    p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,23 +5,20 @@ import argparse
 import logging
 from pathlib import Path
 
-from vla_ds.cli.common import HELP_FORMAT
+from vla_ds.cli.common import subcommand
 from vla_ds.errors import UsageError
 
 log = logging.getLogger(__name__)
 
 
 def add_parser(sub, name: str) -> None:
-    p = sub.add_parser(
-        name,
-        help="write a tiny randomly initialised Qwen2.5-VL model directory (for tests and the demo)",
-        description="Write a complete Hugging Face model directory (config, safetensors weights, tokenizer "
-        "with chat template, Qwen2-VL image processor) for a tiny random Qwen2.5-VL, made offline.",
-        formatter_class=HELP_FORMAT,
-    )
+    p = subcommand(sub, name, run,
+                   help="write a tiny randomly initialised Qwen2.5-VL model directory (for tests and the demo)",
+                   description="Write a complete Hugging Face model directory (config, safetensors weights, "
+                               "tokenizer with chat template, Qwen2-VL image processor) for a tiny random "
+                               "Qwen2.5-VL, made offline.")
     p.add_argument("out_dir", metavar="OUT_DIR", type=Path, help="directory to write (replaced if it exists)")
     p.add_argument("--seed", type=int, default=0, help="weight initialisation seed (same seed, same files)")
-    p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:

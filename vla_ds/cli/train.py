@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from vla_ds.cli.common import HELP_FORMAT, launcher_parser, run_command
+from vla_ds.cli.common import launcher_parser, run_command, subcommand
 
 DESCRIPTION = ("Train QwenVLA with DeepSpeed (or build its VL feature cache with --mode cache). Multi-process: "
                "torchrun --nproc_per_node N -m vla_ds.train --mode train ... or deepspeed --num_gpus N "
@@ -19,10 +19,10 @@ DESCRIPTION = ("Train QwenVLA with DeepSpeed (or build its VL feature cache with
 def add_parser(sub, name: str) -> None:
     from vla_ds.config import add_config_flags
 
-    p = sub.add_parser(name, help="train QwenVLA with DeepSpeed (flags of the old trainer; see docs/training.md)",
-                       description=DESCRIPTION, formatter_class=HELP_FORMAT)
+    p = subcommand(sub, name, run,
+                   help="train QwenVLA with DeepSpeed (flags of the old trainer; see docs/training.md)",
+                   description=DESCRIPTION)
     add_config_flags(p)
-    p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:

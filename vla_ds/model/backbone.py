@@ -20,6 +20,7 @@ from torch import nn
 
 from vla_ds.errors import UsageError
 from vla_ds.model.vl_tokens import VLFeatures, reduce_features
+from vla_ds.utils.dist import device_for
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ LM_HEAD = "lm_head"
 
 def default_dtype(device: torch.device | str | None = None) -> torch.dtype:
     """bf16 on a CUDA device that supports it, fp32 otherwise (CPU bf16 matmuls are slow)."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(device) if device is not None else device_for()
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32

@@ -156,7 +156,9 @@ def _accelerator_type() -> str:
 
         name = get_accelerator().device_name()
     except Exception:  # noqa: BLE001 - deepspeed not importable: plain torch placement
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+        from vla_ds.utils.dist import device_for
+
+        name = device_for().type
     return str(name).split(":")[0]
 
 

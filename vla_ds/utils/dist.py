@@ -96,14 +96,20 @@ def gather(obj, world: int) -> list:
 @contextlib.contextmanager
 def process_group_cleanup() -> Iterator[None]:
     """Destroy the default process group on the way out, success or not: without it, ~1 run in 60
-    aborted at interpreter exit after success (ZeRO-3, gloo)."""
+    aborted at interpreter exit after success (ZeRO-3, gloo). A group DeepSpeed set up goes through
+    DeepSpeed's own teardown, which also drops the sub-groups it cached: torch's alone left them
+    stale, and the next run in the same process failed ("Group ... is not registered")."""
     try:
         yield
     finally:
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+            ds_comm = sys.modules.get("deepspeed.comm")
+            if ds_comm is not None and ds_comm.is_initialized():
+                ds_comm.destroy_process_group()
+            else:
+                dist.destroy_process_group()
 
 
 def torchrun(module: str, args: list[str], nproc: int = 2, env: dict | None = None,
