@@ -120,6 +120,15 @@ def learn_data_x4(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def shared(request, tmp_path_factory):
+    """The 2-process trainings of every selected module that defines `shared_runs`, in one launch
+    (tests/helpers/shared.py)."""
+    from tests.helpers.shared import launch_shared
+
+    return launch_shared(request, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
 def zero2_run(tmp_path_factory, train_data, tiny_model_dir) -> Path:
     """A finished ZeRO-2 run (tests/helpers/runs.py `lora_run`): RUN/checkpoints/step_000002 = latest = final. Read-only."""
     from tests.helpers.runs import lora_run

@@ -3,7 +3,8 @@ entry (or of `vla-ds profile`), one after the other, in the same launched proces
 
 RUNS.json is a list of ["train" | "profile", *ARGS]. Each is parsed by that entry's own parser and
 run through the CLI's own `run_command` (so bad input ends as the one line `vla-ds train: ...`,
-and the next run still starts), by the same library calls as `python -m vla_ds.train --mode train
+and the next run still starts; any other exception is logged, `OUTPUT_DIR: run failed: ...`, and the
+next run starts too), by the same library calls as `python -m vla_ds.train --mode train
 ARGS` / `python -m vla_ds.profiling ARGS`, each in its own --output-dir. Only the start-up
 (imports, process group: ~15 s of a 2-process launch on 2 cores) is paid once. Rank 0's log
 lines of each run also go to OUTPUT_DIR/run.log.
@@ -47,6 +48,9 @@ def _parser(kind: str):
     return p, [], _profile
 
 
+log = logging.getLogger("vla_ds.tests.run_many")
+
+
 def main(path: str) -> int:
     from vla_ds.cli.common import run_command
     from vla_ds.utils.dist import process_group_cleanup
@@ -63,6 +67,8 @@ def main(path: str) -> int:
             root.addHandler(handler)
             try:
                 run_command(kind, args, fn)  # its logging set-up keeps handlers that are not its own
+            except Exception as e:  # noqa: BLE001 - every rank raises alike (collective code), so all go on
+                log.exception("%s: run failed: %s: %s", out, type(e).__name__, e)
             finally:
                 root.removeHandler(handler)
                 handler.close()

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from tests.helpers.runs import SMALL, loss_by_step, metrics_rows, run_training, run_trainings
+from tests.helpers.runs import SMALL, loss_by_step, metrics_rows, run_training
 
 pytestmark = pytest.mark.slow
 
@@ -31,34 +31,43 @@ def _after_crash(proc, out) -> dict:
     return {"returncode": proc.returncode, "latest": _pointer(out, "latest"), "entries": sorted(p.name for p in root.iterdir())}
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, train_data, tiny_model_dir, zero2_run) -> dict:
-    """The runs of this module, in three launches: each crash in its own (a crash ends its launch),
-    then one launch with the uninterrupted reference, the pointer run, both resumes and a resume
-    refused for its model (of a copy of the session's 2-process LoRA + sensor run, the model of
-    _args). What a crash left is recorded before its resume."""
-    root = tmp_path_factory.mktemp("checkpoint_runs")
-    shutil.copytree(zero2_run, root / "refused", symlinks=True)
-    data, bb = train_data, tiny_model_dir
-    after = {}
+# What a crash left, recorded before its resume: {run name: {"returncode", "latest", "entries"}}.
+CRASHED: dict[str, dict] = {}
+NAMES = ("full", "pointers", "killed", "crash", "refused")
+
+
+def shared_runs(ctx) -> dict:
+    """The two crashes, each in its own launch now (a crash ends its launch), then for the
+    session's shared launch: the uninterrupted reference, the pointer run, both resumes, and a
+    resume refused for its model (of a copy of the session's 2-process LoRA + sensor run, the
+    model of _args)."""
+    if not any(ctx.selected(t) for t in ("test_sigkill_then_resume_reproduces_the_uninterrupted_losses",
+                                         "test_crash_inside_a_save_leaves_latest_loadable",
+                                         "test_pointers_follow_validation_and_old_checkpoints_are_pruned",
+                                         "test_resume_refuses_another_world_size_or_model")):
+        return {}
+    root, data, bb = ctx.root("checkpoint_runs"), ctx.fixture("train_data"), ctx.fixture("tiny_model_dir")
+    shutil.copytree(ctx.fixture("zero2_run"), root / "refused", symlinks=True)
     # dropout stays on (head 0.1, LoRA 0.05): exactness needs the RNG states back too
     proc, _ = run_training(_args(data, bb, root / "killed", *KILL_STEPS), expect_ok=False,
                            env={"VLA_DS_FAULT": "kill_at_step:6"})  # two steps after the checkpoint at 4
-    after["killed"] = _after_crash(proc, root / "killed")
+    CRASHED["killed"] = _after_crash(proc, root / "killed")
     proc, _ = run_training(_args(data, bb, root / "crash", *CRASH_STEPS), expect_ok=False,
                            env={"VLA_DS_FAULT": "crash_in_save:6"})
-    after["crash"] = _after_crash(proc, root / "crash")
-    names = ["full", "pointers", "killed", "crash", "refused"]
-    argv = [_args(data, bb, root / "full", *KILL_STEPS),
+    CRASHED["crash"] = _after_crash(proc, root / "crash")
+    return {"full": _args(data, bb, root / "full", *KILL_STEPS),
             # a large lr overfits the few training episodes: validation improves first, then worsens
-            _args(data, bb, root / "pointers", "--max-steps", "10", "--val-ratio", "0.3", "--val-every", "1",
-                  "--save-every", "0", "--keep-last", "2", "--lr", "2e-2", "--sensor-lr", "2e-2"),
-            _args(data, bb, root / "killed", *KILL_STEPS),  # --resume auto
-            _args(data, bb, root / "crash", *CRASH_STEPS),
-            _args(data, bb, root / "refused", "--max-steps", "4", "--fusion-strategy", "gated")]
-    _, rows = run_trainings(argv, root / "runs.json")
-    return {name: {"dir": root / name, "rows": r, "log": (root / name / "run.log").read_text(), **after.get(name, {})}
-            for name, r in zip(names, rows)}
+            "pointers": _args(data, bb, root / "pointers", "--max-steps", "10", "--val-ratio", "0.3", "--val-every",
+                              "1", "--save-every", "0", "--keep-last", "2", "--lr", "2e-2", "--sensor-lr", "2e-2"),
+            "killed": _args(data, bb, root / "killed", *KILL_STEPS),  # --resume auto
+            "crash": _args(data, bb, root / "crash", *CRASH_STEPS),
+            "refused": _args(data, bb, root / "refused", "--max-steps", "4", "--fusion-strategy", "gated")}
+
+
+@pytest.fixture(scope="module")
+def runs(shared) -> dict:
+    return {name: {"dir": r.dir, "rows": r.rows, "log": r.log, **CRASHED.get(name, {})}
+            for name in NAMES for r in [shared.run(__name__, name)]}
 
 
 def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(runs):

@@ -13,7 +13,7 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from tests.helpers.runs import SMALL, losses, run_training, run_trainings
+from tests.helpers.runs import SMALL, losses, run_trainings
 
 pytestmark = pytest.mark.slow
 
@@ -31,13 +31,17 @@ def root(tmp_path_factory):
     return tmp_path_factory.mktemp("equivalence")
 
 
-@pytest.fixture(scope="module")
-def ds_config(root, repo_root):
+def _eps_config(repo_root, root):
     cfg = json.loads((repo_root / "ds_configs" / "zero2.json").read_text())
     cfg["optimizer"]["params"]["eps"] = 1e-3
     path = root / "zero2_eps.json"
     path.write_text(json.dumps(cfg))
-    return str(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ds_config(root, repo_root):
+    return str(_eps_config(repo_root, root))
 
 
 def _args(out, train_data, tiny_model_dir, micro, accum, ds_config, *extra):
@@ -62,10 +66,19 @@ def _assert_same(a, b, atol):
     assert worst < atol, f"max weight difference {worst:.2e}"
 
 
-def test_data_parallel_equals_bigger_micro_batch(tmp_path, train_data, tiny_model_dir, ds_config, single):
+def shared_runs(ctx) -> dict:
+    """2 processes x micro-batch 2, for the session's shared launch."""
+    if not ctx.selected("test_data_parallel_equals_bigger_micro_batch"):
+        return {}
+    root = ctx.root("equivalence_two")
+    return {"two": _args(root / "two", ctx.fixture("train_data"), ctx.fixture("tiny_model_dir"), 2, 1,
+                         str(_eps_config(ctx.fixture("repo_root"), root)))}
+
+
+def test_data_parallel_equals_bigger_micro_batch(shared, single):
     one, l1 = single["micro4"]
-    _, rows = run_training(_args(tmp_path / "two", train_data, tiny_model_dir, 2, 1, ds_config), nproc=2)
-    two, l2 = _weights(tmp_path / "two"), losses(rows)
+    run = shared.run(__name__, "two")
+    two, l2 = _weights(run.dir), losses(run.rows)
     assert l1 == pytest.approx(l2, rel=1e-5) and len(l1) == 4
     _assert_same(one, two, atol=1e-5)
 

@@ -1,13 +1,13 @@
 """Real DeepSpeed training on 2 CPU processes with the tiny backbone: ZeRO-2/3 x finetune modes x
 sensor/fusion, loss falling on a learnable synthetic task, per-group learning rates.
 
-The selected cases train in one launch (tests/helpers/run_many.py), one after the other in the
-same two processes, each exactly as `python -m vla_ds.train` would run it."""
+The selected cases train in the session's shared launch (tests/helpers/shared.py), one after the
+other in the same two processes, each exactly as `python -m vla_ds.train` would run it."""
 from __future__ import annotations
 
 import pytest
 
-from tests.helpers.runs import SMALL, losses, run_trainings
+from tests.helpers.runs import SMALL, losses
 
 pytestmark = pytest.mark.slow
 
@@ -50,22 +50,20 @@ CASES = {
 EVERY_SAMPLE_EACH_STEP = {"zero2-none-nosensor"}
 
 
-@pytest.fixture(scope="module")
-def runs(request, tmp_path_factory, learn_data, learn_data_x4, tiny_model_dir, repo_root) -> dict:
-    """case -> (run dir, metrics rows), for the cases this session selected."""
-    wanted = [c for c in CASES if any(item.name == f"test_loss_falls[{c}]" for item in request.session.items)]
-    root = tmp_path_factory.mktemp("training_runs")
-    argv = [_args(root / case, learn_data if case in EVERY_SAMPLE_EACH_STEP else learn_data_x4, tiny_model_dir,
-                  "--ds-config", str(repo_root / f"ds_configs/{CASES[case][0]}.json"), *CASES[case][1])
-            for case in wanted]
-    _, rows = run_trainings(argv, root / "runs.json", timeout=1500)
-    return {case: (root / case, r) for case, r in zip(wanted, rows)}
+def shared_runs(ctx) -> dict:
+    """The selected cases, for the session's shared launch (tests/helpers/shared.py)."""
+    root = ctx.root("training_runs")
+    repo = ctx.fixture("repo_root")
+    return {case: _args(root / case, ctx.fixture("learn_data" if case in EVERY_SAMPLE_EACH_STEP else "learn_data_x4"),
+                        ctx.fixture("tiny_model_dir"), "--ds-config", str(repo / f"ds_configs/{preset}.json"), *extra)
+            for case, (preset, extra) in CASES.items() if ctx.selected(f"test_loss_falls[{case}]")}
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_loss_falls(case, runs):
+def test_loss_falls(case, shared):
     preset, extra = CASES[case]
-    run_dir, rows = runs[case]
+    run = shared.run(__name__, case)
+    run_dir, rows = run.dir, run.rows
     _assert_learns(rows)
     assert (run_dir / "checkpoints" / "final" / "policy" / "model.safetensors").is_file()
     last = [r for r in rows if "train/loss_step" in r][-1]
