@@ -77,8 +77,10 @@ def in_process_group(monkeypatch):
 
     if dist.is_initialized():
         dist.destroy_process_group()
+    # Plain pops, not monkeypatch.delenv: a delenv of a variable that was absent records nothing,
+    # and undoing this teardown's delenv would then put init_distributed's values back.
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
-        monkeypatch.delenv(name, raising=False)
+        os.environ.pop(name, None)
 
 
 @pytest.fixture(scope="session")

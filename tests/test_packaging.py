@@ -84,7 +84,8 @@ def test_a_plain_install_trains_from_any_directory(tmp_path, repo_root, tiny_mod
                              check=True, capture_output=True, text=True).stdout.strip()
     ours = [p for p in site.getsitepackages() + [sysconfig.get_paths()["purelib"]] if Path(p).is_dir()]
     (Path(purelib) / "test_deps.pth").write_text("\n".join(dict.fromkeys(ours)) + "\n")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    launcher = {"PYTHONPATH", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}
+    env = {k: v for k, v in os.environ.items() if k not in launcher}
     proc = subprocess.run([str(vpy), "-m", "pip", "install", "--no-deps", "--disable-pip-version-check", "-q",
                            str(src)], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from vla_ds.cli.train import build_launcher_parser
 from vla_ds.config import TrainConfig, config_from_args, field_owners, load_yaml, save_config
@@ -96,3 +97,36 @@ def test_ds_config_errors(tmp_path):
     with pytest.raises(UsageError, match="--grad-accum-steps"):
         resolve_ds_config({"gradient_accumulation_steps": 2}, micro_batch=1, grad_accum=8, world_size=1,
                           grad_clip=1, lr=1e-4, weight_decay=0.0)
+
+
+@pytest.mark.parametrize("name", ["zero2", "zero3", "zero2_offload"])
+def test_on_cpu_a_device_optimizer_is_torchs_adamw(repo_root, name):
+    """On CPU DeepSpeed's FusedAdam is a C++ op compiled at first use; torch's AdamW is the same update.
+    An offloaded optimizer keeps DeepSpeedCPUAdam (ZeRO-Offload refuses others), a GPU keeps FusedAdam,
+    and a file that chooses keeps its choice."""
+    raw = load_ds_config(repo_root / "ds_configs" / f"{name}.json")
+    kw = dict(micro_batch=1, grad_accum=1, world_size=1, grad_clip=1.0, lr=1e-4, weight_decay=0.0, hidden_size=8,
+              bf16=False)
+    on_cpu = resolve_ds_config(raw, on_cpu=True, **kw)["optimizer"]["params"]
+    assert on_cpu.get("torch_adam") is (None if "offload" in name else True)
+    assert "torch_adam" not in resolve_ds_config(raw, on_cpu=False, **kw)["optimizer"]["params"]
+    raw["optimizer"]["params"]["torch_adam"] = False
+    assert resolve_ds_config(raw, on_cpu=True, **kw)["optimizer"]["params"]["torch_adam"] is False
+
+
+def test_a_cpu_engine_steps_with_torchs_adamw(repo_root, in_process_group):
+    import deepspeed
+
+    from vla_ds.utils.dist import init_distributed, process_group_cleanup
+
+    cfg = resolve_ds_config(load_ds_config(repo_root / "ds_configs" / "zero2.json"), micro_batch=2, grad_accum=1,
+                            world_size=1, grad_clip=1.0, lr=1e-2, weight_decay=0.0, hidden_size=8)
+    with process_group_cleanup():
+        init_distributed()
+        model = torch.nn.Linear(8, 1)
+        engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+        assert type(optimizer.optimizer) is torch.optim.AdamW
+        before = model.weight.detach().clone()
+        engine.backward(engine(torch.ones(2, 8)).pow(2).mean())
+        engine.step()
+        assert not torch.equal(before, model.weight.detach())

@@ -152,7 +152,8 @@ def resolved_preset(name: str, hidden: int, micro_batch: int, world: int, bf16: 
     from vla_ds.train.ds_config import load_ds_config, resolve_ds_config
 
     return resolve_ds_config(load_ds_config(name), micro_batch=micro_batch, grad_accum=1, world_size=world,
-                             grad_clip=1.0, lr=1e-4, weight_decay=0.0, hidden_size=hidden, bf16=bf16)
+                             grad_clip=1.0, lr=1e-4, weight_decay=0.0, hidden_size=hidden, bf16=bf16,
+                             on_cpu=False)  # plans are for GPUs
 
 
 def plan(backbone: str, base: ModelConfig, gpu_mem: float, world: int = 1, modes=MODES, presets=PRESETS,

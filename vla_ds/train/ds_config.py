@@ -7,6 +7,8 @@ The files in `ds_configs/` leave every value that depends on the run as "auto":
 weight decay, and ZeRO bucket sizes (hidden_size^2 elements, like HF's integration: for the 3B, 8 MiB
 in bf16 instead of DeepSpeed's 2e8-element default, which ZeRO-2 allocates twice as gradient
 buckets -- 0.8 GiB of a 24 GiB card).
+On CPU an optimizer that is not offloaded runs as torch's AdamW ("torch_adam"): DeepSpeed's FusedAdam
+there is a C++ op compiled at first use, for the same update.
 A number written in the file is kept, but must agree with the batch rule. DeepSpeed does not
 check top-level keys, so a typo there would be silently ignored: vla-ds refuses unknown keys.
 Keys starting with "_" are comments (e.g. "_launch": the command to use the file) and dropped.
@@ -108,8 +110,13 @@ def resolve_ds_config(
     weight_decay: float,
     hidden_size: int | None = None,
     bf16: bool | None = None,
+    on_cpu: bool | None = None,
 ) -> dict:
-    """A copy of `cfg` with every "auto" replaced; raises UsageError when explicit values clash."""
+    """A copy of `cfg` with every "auto" replaced; raises UsageError when explicit values clash.
+    `on_cpu` (default: no CUDA here) runs an Adam/AdamW optimizer that stays on the device as torch's
+    own (`torch_adam`), unless the file says otherwise: DeepSpeed's FusedAdam on CPU is a C++ op it
+    compiles on first use (~80 s on 2 cores, and a compiler), for the same update. An offloaded
+    optimizer keeps DeepSpeedCPUAdam, which ZeRO-Offload requires."""
     cfg = copy.deepcopy(cfg)
     _resolve(cfg, "train_micro_batch_size_per_gpu", micro_batch, "--batch-size")
     _resolve(cfg, "gradient_accumulation_steps", grad_accum, "--grad-accum-steps")
@@ -136,6 +143,9 @@ def resolve_ds_config(
             params["lr"] = lr
         if params.get("weight_decay", "auto") == "auto":
             params["weight_decay"] = weight_decay
+        on_cpu = not torch.cuda.is_available() if on_cpu is None else on_cpu
+        if on_cpu and str(opt.get("type", "")).lower() in ("adam", "adamw") and not offloads_optimizer(cfg):
+            params.setdefault("torch_adam", True)
     zero = cfg.get("zero_optimization", {})
     if hidden_size:
         auto_sizes = {

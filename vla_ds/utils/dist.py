@@ -36,13 +36,15 @@ def free_port() -> int:
 
 def init_distributed() -> tuple[int, int, int]:
     """Collective. (rank, world_size, local_rank) of the launcher's process group, created now if
-    needed (NCCL on CUDA, gloo on CPU); sets this process's CUDA device. Not launched (no RANK in
-    the environment): a group of one on a free local port, so `vla-ds train` needs no launcher."""
+    needed (NCCL on CUDA, gloo on CPU); sets this process's CUDA device. Not launched (no WORLD_SIZE,
+    or 1): a group of one on a free local port, so `vla-ds train` needs no launcher."""
     import deepspeed
     import torch.distributed as dist
 
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+    if os.environ.get("WORLD_SIZE", "1") == "1":
+        # Each variable on its own: DeepSpeed falls back to MPI discovery when any one is missing.
+        for name, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
+            os.environ.setdefault(name, value)
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
