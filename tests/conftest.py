@@ -63,24 +63,13 @@ def _one_intra_op_thread(request):
 
 
 @pytest.fixture
-def in_process_group(monkeypatch):
-    """For a test that runs a collective entry point inside pytest as a group of one: its own free
-    MASTER_PORT, and the launcher variables `init_distributed` sets (RANK, WORLD_SIZE, ...) undone
-    afterwards, so no later subprocess inherits them; any group left is destroyed."""
-    from vla_ds.utils.dist import free_port
+def in_process_group():
+    """For a test that runs a collective entry point inside pytest as a group of one
+    (tests/helpers/runs.py: group_of_one)."""
+    from tests.helpers.runs import group_of_one
 
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("MASTER_PORT", str(free_port()))
-    yield
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    # Plain pops, not monkeypatch.delenv: a delenv of a variable that was absent records nothing,
-    # and undoing this teardown's delenv would then put init_distributed's values back.
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
-        os.environ.pop(name, None)
+    with group_of_one():
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -6,9 +6,10 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
-from vla_ds.utils.dist import free_port, torchrun
+from vla_ds.utils.dist import free_port, process_group_cleanup, torchrun
 
 REPO = Path(__file__).resolve().parents[2]
 # Small head sizes: the point of these tests is the training machinery, not the model's capacity.
@@ -57,10 +58,54 @@ def run_many(runs: list[list[str]], spec: Path, nproc: int = 2, timeout: int = 9
     return proc
 
 
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@contextmanager
+def group_of_one():
+    """This (pytest's) process as a launch of one, for collective code run in-process: no launcher
+    variables but a free MASTER_PORT going in; afterwards the group is destroyed and os.environ is
+    as before, whatever `init_distributed` set (a later subprocess inherits os.environ: a leftover
+    RANK alone once sent a plain `vla-ds train` to DeepSpeed's MPI discovery)."""
+    saved = {name: os.environ.pop(name, None) for name in LAUNCHER_VARS}
+    os.environ["MASTER_PORT"] = str(free_port())
+    try:
+        with process_group_cleanup():
+            yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def run_many_here(runs: list[list[str]], spec: Path) -> None:
+    """`run_many`'s runs with one process: here, in pytest's process (its imports are paid already,
+    a launch would pay ~10 s more), on one intra-op thread like a launched process."""
+    import torch
+
+    from tests.helpers.run_many import main
+
+    spec.parent.mkdir(parents=True, exist_ok=True)
+    spec.write_text(json.dumps(runs))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with group_of_one():
+            main(str(spec))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def run_trainings(runs: list[list[str]], spec: Path, nproc: int = 2, timeout: int = 900, env: dict | None = None):
-    """The trainings `runs` (argument lists of the training entry) in one launch; returns (proc,
-    [metrics rows of each run]). A run refused with a one-line error has no rows (see its run.log)."""
-    proc = run_many([["train", *a] for a in runs], spec, nproc=nproc, timeout=timeout, env=env)
+    """The trainings `runs` (argument lists of the training entry) in one launch (nproc=1: in this
+    process, proc None); returns (proc, [metrics rows of each run]). A run refused with a one-line
+    error has no rows (see its run.log)."""
+    if nproc == 1 and not env:
+        proc = run_many_here([["train", *a] for a in runs], spec)
+    else:
+        proc = run_many([["train", *a] for a in runs], spec, nproc=nproc, timeout=timeout, env=env)
     return proc, [metrics_rows(Path(a[a.index("--output-dir") + 1])) for a in runs]
 
 
