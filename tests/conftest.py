@@ -94,14 +94,6 @@ def train_data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def cache_data(tmp_path_factory) -> Path:
-    """The VL-cache tests' 16 samples (tests/helpers/cache.py), without stats."""
-    from tests.helpers.datasets import CACHE, make_dataset
-
-    return make_dataset(tmp_path_factory.mktemp("cache_data"), CACHE, stats=False)
-
-
-@pytest.fixture(scope="session")
 def learn_data(tmp_path_factory) -> Path:
     """A learnable task: 5 samples (2 with sensor) that a small head fits in a few dozen steps."""
     from tests.helpers.datasets import LEARN, make_dataset

@@ -1,5 +1,4 @@
-"""The VL-cache tests' reference caches, built once (settings: tests/helpers/cache.py; their dataset,
-`cache_data`, is a session fixture of tests/conftest.py: the shared launch builds a cache too)."""
+"""The VL-cache tests' dataset and reference caches, built once (settings: tests/helpers/cache.py)."""
 from __future__ import annotations
 
 import shutil
@@ -9,6 +8,12 @@ import pytest
 import torch
 
 from tests.helpers.cache import build_reference, make_cfg
+from tests.helpers.datasets import CACHE, make_dataset
+
+
+@pytest.fixture(scope="session")
+def cache_data(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("cache_data"), CACHE, stats=False)
 
 
 @pytest.fixture

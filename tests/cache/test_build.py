@@ -41,20 +41,11 @@ def test_build_covers_every_sample_and_a_rerun_encodes_nothing(ref_cache, cache_
     assert again["encoded"] == 0 and again["shards_written"] == 0 and again["samples"] == 16
 
 
-def shared_caches(ctx) -> dict:
-    """`python -m vla_ds.cache` on 2 processes, in the session's shared launch (tests/helpers/shared.py)."""
-    if not ctx.selected("test_two_process_build_equals_one_process_build"):
-        return {}
-    root = ctx.root("cache2")
-    return {"two": [*cli_args(ctx.fixture("tiny_model_dir"), ctx.fixture("cache_data"), root / "cache"),
-                    "--output-dir", str(root / "run")]}
-
-
 @pytest.mark.slow
-def test_two_process_build_equals_one_process_build(ref_cache, shared):
-    run = shared.run(__name__, "two")
-    assert "run failed" not in run.log and "vla-ds cache:" not in run.log, run.log[-3000:]
-    out = run.dir.parent / "cache"
+def test_two_process_build_equals_one_process_build(ref_cache, tiny_model_dir, cache_data, tmp_path):
+    out = tmp_path / "cache2"
+    proc = run_cache_cli(cli_args(tiny_model_dir, cache_data, out), nproc=2)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     writers = [json.loads(p.read_text())["written_by"] for p in sorted((out / "shards").glob("*.json"))]
     assert sorted(w["rank"] for w in writers) == [0, 0, 1, 1] and {w["world"] for w in writers} == {2}
     assert_same_content(out, ref_cache)

@@ -1,11 +1,11 @@
 """`torchrun --nproc_per_node N -m tests.helpers.run_many RUNS.json`: several runs of the training
-entry (or of `vla-ds profile`, `python -m vla_ds.cache`), one after the other, in the same launched processes.
+entry (or of `vla-ds profile`), one after the other, in the same launched processes.
 
-RUNS.json is a list of ["train" | "profile" | "cache", *ARGS]. Each is parsed by that entry's own parser and
+RUNS.json is a list of ["train" | "profile", *ARGS]. Each is parsed by that entry's own parser and
 run through the CLI's own `run_command` (so bad input ends as the one line `vla-ds train: ...`,
 and the next run still starts; any other exception is logged, `OUTPUT_DIR: run failed: ...`, and the
 next run starts too), by the same library calls as `python -m vla_ds.train --mode train
-ARGS` / `python -m vla_ds.profiling ARGS` / `python -m vla_ds.cache ARGS`, each in its own --output-dir. Only the start-up
+ARGS` / `python -m vla_ds.profiling ARGS`, each in its own --output-dir. Only the start-up
 (imports, process group: ~15 s of a 2-process launch on 2 cores) is paid once. Rank 0's log
 lines of each run also go to OUTPUT_DIR/run.log.
 """
@@ -36,19 +36,11 @@ def _profile(args) -> int:
 
 
 def _parser(kind: str):
-    """(the entry's parser, argv prefix, the run function) of `kind`."""
-    from vla_ds.cli.common import launcher_parser
-
     if kind == "train":
         from vla_ds.cli.train import build_launcher_parser
 
         return build_launcher_parser(), ["--mode", "train"], _train
-    if kind == "cache":
-        from vla_ds.cli import cache
-
-        p = launcher_parser("python -m vla_ds.cache", cache.__doc__)
-        cache.add_cache_flags(p)
-        return p, [], cache.run
+    from vla_ds.cli.common import launcher_parser
     from vla_ds.cli.profile import DESCRIPTION, add_profile_flags
 
     p = launcher_parser("python -m vla_ds.profiling", DESCRIPTION)

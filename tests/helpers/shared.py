@@ -1,12 +1,10 @@
-"""The session's shared launch: the 2-process trainings, profiles and cache builds of every selected
-test module, one after the other in a single torchrun launch (run_many.py), so that the ~15 s
-start-up of a launch is paid once, not once per module.
+"""The session's shared launch: the 2-process trainings and profiles of every selected test module,
+one after the other in a single torchrun launch (run_many.py), so that the ~15 s start-up of a
+launch is paid once, not once per module.
 
 A test module takes part by defining `shared_runs(ctx) -> {name: ARGS}` (argument lists of the
 training entry, each with its own --output-dir) and/or `shared_profiles(ctx) -> {name: ARGS}` (of
-`python -m vla_ds.profiling`; a profile has no metrics rows, its results are files) and/or
-`shared_caches(ctx) -> {name: ARGS}` (of `python -m vla_ds.cache`, with an --output-dir for its log).
-There,
+`python -m vla_ds.profiling`; a profile has no metrics rows, its results are files). There,
 `ctx.fixture(name)` gives a session fixture, `ctx.root(name)` a fresh directory, `ctx.selected(test)`
 whether a test of that module runs in this session and `ctx.uses(fixture)` whether one that requests
 `fixture` does (a module whose tests are all deselected adds nothing); what must exist before the
@@ -22,7 +20,7 @@ from pathlib import Path
 
 from tests.helpers.runs import metrics_rows, run_many
 
-KINDS = {"shared_caches": "cache", "shared_runs": "train", "shared_profiles": "profile"}
+KINDS = {"shared_runs": "train", "shared_profiles": "profile"}
 
 
 @dataclass
@@ -43,8 +41,8 @@ class Context:
         return self._factory.mktemp(name)
 
     def selected(self, test: str) -> bool:
-        """Whether `test` of this module runs in this session: "name" (any parameters) or "name[id]"."""
-        return any(item.module is self._module and (item.name == test or item.name.startswith(test + "["))
+        """Whether `test` (a name without parameters) of this module runs in this session."""
+        return any(item.module is self._module and item.name.split("[")[0] == test
                    for item in self._request.session.items)
 
     def uses(self, fixture: str) -> bool:
@@ -67,8 +65,8 @@ def launch_shared(request, tmp_path_factory) -> Shared:
         if any(hasattr(item.module, hook) for hook in KINDS) and item.module not in modules:
             modules.append(item.module)
     keys, commands = [], []
-    for hook, kind in KINDS.items():  # caches, then trainings, then profiles
-        for module in modules:
+    for module in modules:
+        for hook, kind in KINDS.items():
             if hasattr(module, hook):
                 for name, args in getattr(module, hook)(Context(request, tmp_path_factory, module)).items():
                     keys.append((module.__name__, name))
