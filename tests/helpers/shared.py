@@ -41,8 +41,8 @@ class Context:
         return self._factory.mktemp(name)
 
     def selected(self, test: str) -> bool:
-        """Whether `test` (a name without parameters) of this module runs in this session."""
-        return any(item.module is self._module and item.name.split("[")[0] == test
+        """Whether `test` of this module runs in this session: "name" (any parameters) or "name[id]"."""
+        return any(item.module is self._module and (item.name == test or item.name.startswith(test + "["))
                    for item in self._request.session.items)
 
     def uses(self, fixture: str) -> bool:
