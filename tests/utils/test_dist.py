@@ -2,6 +2,7 @@ import os
 
 import pytest
 
+from tests.helpers.runs import LAUNCHER_VARS, group_of_one
 from vla_ds.utils.dist import init_distributed, rank_world
 
 
@@ -18,11 +19,17 @@ def test_an_unlaunched_process_is_a_group_of_one(in_process_group, monkeypatch, 
     assert all(name in os.environ for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"))
 
 
-def test_the_fixture_leaves_no_launcher_variables(in_process_group):
-    """Guards the teardown above: a later subprocess (a plain `vla-ds train`) inherits os.environ."""
-    init_distributed()
+def test_group_of_one_leaves_no_launcher_variables_behind(monkeypatch):
+    """What in_process_group stands on: a later subprocess (a plain `vla-ds train`) inherits
+    os.environ, and a RANK left there sent it to MPI discovery. What was set before comes back."""
+    import torch.distributed as dist
 
-
-def test_no_launcher_variables_were_left_behind():
-    assert not any(name in os.environ for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"))
-    assert rank_world() == (0, 1, 0)
+    for name in LAUNCHER_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MASTER_PORT", "12345")
+    with group_of_one():
+        assert os.environ["MASTER_PORT"] != "12345"  # a free port of its own
+        assert init_distributed() == (0, 1, 0)
+    assert {name: os.environ.get(name) for name in LAUNCHER_VARS} == {
+        "RANK": None, "WORLD_SIZE": None, "LOCAL_RANK": None, "MASTER_ADDR": None, "MASTER_PORT": "12345"}
+    assert not dist.is_initialized() and rank_world() == (0, 1, 0)
