@@ -104,6 +104,26 @@ def test_merge_lora_predicts_like_the_lora_policy(zero2_run, tmp_path, train_dat
     assert (plain.predict(texts, images, sensor, mask) - want).abs().max() > 1e-3
 
 
+def test_the_lora_exports_as_a_peft_adapter(zero2_run, tmp_path, train_data, tiny_model_dir):
+    from tests.model.test_adapter import peft_hidden, vla_hidden
+    from vla_ds.model.adapter import ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_WEIGHTS
+
+    step = zero2_run / "checkpoints" / STEP
+    manifest = _convert(step, tmp_path / "adapter", "--adapter-only")
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == sorted([ADAPTER_CONFIG, ADAPTER_WEIGHTS,
+                                                                               "convert.json"])
+    assert manifest["adapter_only"] and manifest["policy"] is None
+    exported = load_file(str(tmp_path / "adapter" / ADAPTER_WEIGHTS))
+    # the trainer's checkpoint carries the same adapter beside its policy
+    beside = load_file(str(step / "policy" / ADAPTER_DIR / ADAPTER_WEIGHTS))
+    assert exported.keys() == beside.keys() and all(torch.equal(exported[n], beside[n]) for n in beside)
+    policy = QwenVLA.from_pretrained(step / "policy", device="cpu")
+    texts, images, _, _ = sample_batch(train_data)
+    inputs = policy.vl.processor_inputs(images, texts)
+    torch.testing.assert_close(peft_hidden(tiny_model_dir, tmp_path / "adapter", inputs), vla_hidden(policy, inputs),
+                               atol=1e-5, rtol=1e-5)
+
+
 def test_converted_policy_predicts_without_deepspeed(zero3_run, tmp_path, train_data, repo_root):
     out = tmp_path / "out"
     _convert(zero3_run, out)

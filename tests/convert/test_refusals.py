@@ -118,6 +118,17 @@ def test_checkpoint_shapes_and_their_refusals(zero2_run, tmp_path):
     assert (foreign / "important.txt").read_text() == "keep me"
     with pytest.raises(UsageError, match="overlaps the checkpoint"):
         convert_checkpoint(step, step / "converted")
+    # --adapter-only: a LoRA to export, and not folded away by --merge-lora
+    with pytest.raises(UsageError, match="--adapter-only and --merge-lora"):
+        convert_checkpoint(step, tmp_path / "a", adapter_only=True, merge_lora=True)
+    frozen = tmp_path / "frozen_policy"
+    shutil.copytree(step / "policy", frozen)
+    cfg = json.loads((frozen / "config.json").read_text())
+    cfg["model"]["finetune_vl"] = "none"
+    (frozen / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UsageError, match=r"--adapter-only: .* trained no LoRA \(--finetune-vl none\)"):
+        convert_checkpoint(step, tmp_path / "a", adapter_only=True, policy_config=frozen)
+    assert not (tmp_path / "a").exists()
 
 
 @pytest.mark.slow

@@ -50,3 +50,24 @@ def test_written_files_and_dirs_get_ordinary_permissions(tmp_path):
         os.umask(old)
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
+
+
+@pytest.mark.parametrize("umask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o027, 0o640, 0o750)])
+def test_safetensors_in_an_atomic_dir_follow_the_umask(tmp_path, umask, file_mode, dir_mode):
+    # safetensors creates its files 0600: a policy written that way is unreadable to the robot's
+    # service user. What lands must have the modes of a plain open(), executables kept executable.
+    import torch
+    from safetensors.torch import save_file
+
+    old = os.umask(umask)
+    try:
+        with atomic_dir(tmp_path / "policy") as d:
+            save_file({"w": torch.zeros(2)}, str(d / "model.safetensors"))
+            (d / "sub").mkdir(mode=0o700)
+            (d / "sub" / "tool.py").write_text("#!/usr/bin/env python\n")
+            os.chmod(d / "sub" / "tool.py", 0o700)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "policy" / "model.safetensors").stat().st_mode & 0o777 == file_mode
+    assert (tmp_path / "policy" / "sub").stat().st_mode & 0o777 == dir_mode
+    assert (tmp_path / "policy" / "sub" / "tool.py").stat().st_mode & 0o777 == dir_mode

@@ -28,6 +28,9 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--merge-lora", action="store_true",
                    help="fold the trained backbone (LoRA) into OUT_DIR/backbone, a standalone Qwen2.5-VL directory; "
                    "the policy then uses it frozen and holds no LoRA weights")
+    p.add_argument("--adapter-only", action="store_true",
+                   help="write only the LoRA as a standard PEFT adapter (adapter_config.json + "
+                   "adapter_model.safetensors) that peft.PeftModel.from_pretrained(base, OUT_DIR) loads")
     p.add_argument("--max-shard-size", default="2GB",
                    help="above this, weights are sharded (model-0000k-of-0000n.safetensors + index)")
     p.add_argument("--tag", default=argparse.SUPPRESS,
@@ -43,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from vla_ds.convert import convert_checkpoint
 
     convert_checkpoint(args.checkpoint, args.out_dir, dtype=args.dtype, trainable_only=args.trainable_only,
-                       merge_lora=args.merge_lora, max_shard_size=args.max_shard_size, tag=getattr(args, "tag", None),
+                       merge_lora=args.merge_lora, adapter_only=args.adapter_only,
+                       max_shard_size=args.max_shard_size, tag=getattr(args, "tag", None),
                        policy_config=getattr(args, "policy_config", None), backbone=getattr(args, "backbone", None))
     return 0

@@ -7,6 +7,10 @@
       policy/                      config.json, model.safetensors, stats.json: `QwenVLA.from_pretrained`
                                    loads it and `predict` runs without DeepSpeed installed
       backbone/                    --merge-lora only: a Qwen2.5-VL directory with the LoRA folded in
+      policy/adapter/              LoRA runs: the LoRA as a PEFT adapter (`PeftModel.from_pretrained`)
+
+With --adapter-only, OUT_DIR holds just the PEFT adapter (adapter_config.json,
+adapter_model.safetensors) and convert.json.
       convert.json                 what was converted (source, tag, step, ZeRO stage, options, files)
 
 The weights come from DeepSpeed's own `zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint`, which
@@ -258,12 +262,13 @@ def _policy_tensors(policy, dtype, names: list[str] | None) -> dict:
 def convert_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str = "float32",
                        trainable_only: bool = False, merge_lora: bool = False, max_shard_size: str | int = "2GB",
                        tag: str | None = None, policy_config: str | os.PathLike | None = None,
-                       backbone: str | os.PathLike | None = None) -> dict:
+                       backbone: str | os.PathLike | None = None, adapter_only: bool = False) -> dict:
     """Convert a DeepSpeed checkpoint into OUT_DIR (see the module docstring); returns the manifest."""
     import torch
 
     from vla_ds import __version__
     from vla_ds.convert.lora import merge_lora_in_place, merged_config, save_backbone
+    from vla_ds.model.adapter import save_adapter
     from vla_ds.model.serialization import save_policy
     from vla_ds.utils.io import atomic_dir, write_json
 
@@ -274,6 +279,12 @@ def convert_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike
     source = resolve_checkpoint(checkpoint, tag, policy_config)
     _check_out_dir(out, source)
     meta, config, stats = _read_config(source, None if backbone is None else str(backbone))
+    if adapter_only and merge_lora:
+        raise UsageError("--adapter-only and --merge-lora: the merge folds the adapter away; give one of the two")
+    if adapter_only and config.finetune_vl != "lora":
+        raise UsageError(f"--adapter-only: {checkpoint} trained no LoRA (--finetune-vl {config.finetune_vl}); "
+                         "convert it without --adapter-only")
+    trainable_only = trainable_only or adapter_only
     if merge_lora and not config.trains_backbone:
         raise UsageError(f"--merge-lora: the checkpoint's backbone is frozen (--finetune-vl none), so there is nothing "
                          f"to merge; convert {checkpoint} without --merge-lora")
@@ -303,21 +314,27 @@ def convert_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike
     record = SimpleNamespace(config=out_config, vl_dim=meta.get("vl_dim", policy.vl_dim), stats=stats,
                              saved_parameter_names=lambda: saved_names)
     with atomic_dir(out) as tmp:
-        files = save_state_dict(dump, tmp, max_shard_size)
-        policy_tensors = dump if trainable_only else {n: dump[n] for n in saved_names}
-        save_policy(record, tmp / "policy", state_dict=policy_tensors)
-        del dump, policy_tensors
+        if adapter_only:
+            save_adapter(out_config, dump, tmp)
+            files = sorted(p.name for p in tmp.iterdir())
+        else:
+            files = save_state_dict(dump, tmp, max_shard_size)
+            policy_tensors = dump if trainable_only else {n: dump[n] for n in saved_names}
+            save_policy(record, tmp / "policy", state_dict=policy_tensors)
+            del policy_tensors
+        del dump
         if merge_lora:
             save_backbone(policy.vl.model, config.backbone, tmp / "backbone", torch_dtype, max_shard_size)
         manifest = {
             "format": FORMAT, "version": 1, "vla_ds": __version__,
             "source": str(source.step_dir or source.ds_dir), "ds_dir": str(source.ds_dir), "tag": source.tag,
             "step": source.step, **info, "dtype": dtype, "trainable_only": trainable_only, "merge_lora": merge_lora,
-            "weights": files, "policy": "policy", "backbone": "backbone" if merge_lora else None,
-            "policy_backbone": out_config.backbone,
+            "adapter_only": adapter_only, "weights": files, "policy": None if adapter_only else "policy",
+            "backbone": "backbone" if merge_lora else None, "policy_backbone": out_config.backbone,
         }
         write_json(tmp / MANIFEST, manifest)
-    log.info("converted %s (tag %s%s) -> %s: %s; policy %s%s", source.step_dir or source.ds_dir, source.tag,
+    what = f"PEFT adapter {out}" if adapter_only else f"policy {out / 'policy'}"
+    log.info("converted %s (tag %s%s) -> %s: %s; %s%s", source.step_dir or source.ds_dir, source.tag,
              f", ZeRO-{info['zero_stage']}, {info['world_size']} processes" if "zero_stage" in info else "", out,
-             ", ".join(files), out / "policy", f"; backbone {backbone_dir}" if backbone_dir else "")
+             ", ".join(files), what, f"; backbone {backbone_dir}" if backbone_dir else "")
     return manifest

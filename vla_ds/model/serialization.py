@@ -8,6 +8,9 @@
   `lm_head.weight` to `embed_tokens.weight`), so a tied pair is never written twice -- safetensors
   refuses shared tensors -- even when the source is a full `state_dict()` that names both.
 - stats.json: the `NormStats` the policy (de)normalizes with.
+- adapter/ (LoRA policies only): the same LoRA as a standard PEFT adapter (adapter_config.json +
+  adapter_model.safetensors) that `peft.PeftModel.from_pretrained(base, DIR/adapter)` loads
+  (`vla_ds.model.adapter`); vla-ds itself reads model.safetensors.
 
 Loading rebuilds the backbone from the saved (or overriding) backbone path and the config, then
 copies the saved tensors in with strict name and shape checks (`vla_ds.utils.weights.load_strict`):
@@ -24,6 +27,7 @@ from pathlib import Path
 import torch
 
 from vla_ds.data.stats import NormStats
+from vla_ds.model.adapter import ADAPTER_DIR, save_adapter
 from vla_ds.model.config import ModelConfig
 from vla_ds.utils.io import atomic_dir, write_json
 from vla_ds.utils.weights import load_strict
@@ -63,6 +67,7 @@ def save_policy(policy, out_dir: str | os.PathLike, state_dict: dict | None = No
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         write_json(tmp / CONFIG_FILE, meta)
         policy.stats.save(tmp / "stats.json")
+        save_adapter(policy.config, tensors, tmp / ADAPTER_DIR)
     log.info("saved policy (%d tensors, %.2f M parameters) to %s", len(tensors),
              sum(t.numel() for t in tensors.values()) / 1e6, out_dir)
     return out_dir

@@ -38,7 +38,7 @@ import torch.distributed as dist
 
 from vla_ds.errors import UsageError
 from vla_ds.utils.faults import fault_point
-from vla_ds.utils.io import write_json
+from vla_ds.utils.io import ordinary_modes, write_json
 
 log = logging.getLogger(__name__)
 POINTERS = ("latest", "best", "final")
@@ -133,6 +133,7 @@ def save_checkpoint(run_dir: Path, step: int, engine, policy, trainer_state: dic
     if rank == 0:
         fault_point("crash_in_save", step)
         write_json(tmp / STATE_FILE, trainer_state)
+        ordinary_modes(tmp)  # safetensors and DeepSpeed write some files 0600
         final_dir = root / name
         if final_dir.exists():  # the same step saved again (e.g. epoch end == --save-every)
             old = root / f".{name}.old"

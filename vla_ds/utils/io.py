@@ -1,7 +1,9 @@
 """Atomic writes: a reader (or a crash) never sees a half-written file or directory.
 
 Files and directories are written to a temporary sibling on the same filesystem and moved into
-place with `os.replace`/`os.rename`, which are atomic on POSIX.
+place with `os.replace`/`os.rename`, which are atomic on POSIX. What lands gets the umask's normal
+modes (0644 files, 0755 directories by default): `mkstemp`/`mkdtemp` and safetensors create 0600/0700,
+which a robot-side service running as another user could not read.
 """
 from __future__ import annotations
 
@@ -18,6 +20,17 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def ordinary_modes(path: str | os.PathLike) -> None:
+    """Give `path` and everything under it the modes a plain `open`/`mkdir` would: 0o666 / 0o777
+    (0o777 also for a file with any execute bit, e.g. DeepSpeed's zero_to_fp32.py) less the umask."""
+    mask = _umask()
+    for p in [Path(path), *Path(path).rglob("*")] if Path(path).is_dir() else [Path(path)]:
+        if p.is_symlink():
+            continue
+        executable = p.is_dir() or p.stat().st_mode & 0o111
+        os.chmod(p, (0o777 if executable else 0o666) & ~mask)
 
 
 @contextlib.contextmanager
@@ -57,9 +70,9 @@ def atomic_dir(path: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700: give the directory ordinary permissions
     try:
         yield tmp
+        ordinary_modes(tmp)
         if path.exists():
             if not replace:
                 raise FileExistsError(f"{path} already exists")
