@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.helpers.batches import sample_batch
+from tests.model.test_processor import assert_stock_processor_files
 from vla_ds.cli import main
 from vla_ds.model.policy import QwenVLA
 from vla_ds.utils.weights import INDEX, read_state_dict
@@ -82,6 +83,7 @@ def test_merge_lora_predicts_like_the_lora_policy(zero2_run, tmp_path, train_dat
     assert not any("lora" in n for n, _ in hf.named_parameters(remove_duplicate=False))
     assert hf.lm_head.weight is hf.model.language_model.embed_tokens.weight
     assert isinstance(load_processor(out / "backbone"), ImageOnlyQwenVLProcessor)
+    assert_stock_processor_files(out / "backbone")
     original = _backbone_weights(tiny_model_dir)
     q = "model.language_model.layers.0.self_attn.q_proj.weight"
     assert (hf.get_parameter(q) - original[q]).abs().max() > 1e-4, "the LoRA delta is in the merged weight"
@@ -139,6 +141,7 @@ def test_converted_policy_predicts_without_deepspeed(zero3_run, tmp_path, train_
         from safetensors.torch import save_file
         torch.set_num_threads(1)
         from tests.helpers.batches import sample_batch
+from tests.model.test_processor import assert_stock_processor_files
         from vla_ds.model.policy import QwenVLA
         policy = QwenVLA.from_pretrained({str(out / 'policy')!r}, device="cpu")
         texts, images, sensor, mask = sample_batch({str(train_data)!r})

@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
-from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+from transformers import Qwen2_5_VLForConditionalGeneration
 
 from vla_ds.data.synthetic import synthetic_view
 from vla_ds.model.backbone import chat_message
-from vla_ds.model.processor import ImageOnlyQwenVLProcessor
+from vla_ds.model.processor import ImageOnlyQwenVLProcessor, load_processor, save_processor
 from vla_ds.model.tiny import QWEN_SPECIAL_TOKENS, TinySpec, build_config, build_tokenizer, write_tiny_model
 
 
@@ -25,7 +25,7 @@ def _sha(path):
 
 def test_directory_is_complete(tiny_model_dir):
     names = {p.name for p in tiny_model_dir.iterdir()}
-    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "processor_config.json"} <= names
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"} <= names
     assert not [n for n in names if n.endswith(".tmp")]
     cfg = json.loads((tiny_model_dir / "config.json").read_text())
     assert cfg["architectures"] == ["Qwen2_5_VLForConditionalGeneration"]
@@ -33,9 +33,9 @@ def test_directory_is_complete(tiny_model_dir):
     assert cfg["vision_config"]["depth"] == 2
 
 
-def test_auto_processor_keeps_the_image_processor(tiny_model_dir):
-    # AutoProcessor can silently fall back to a bare tokenizer, which drops every image.
-    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+def test_the_processor_keeps_the_image_processor(tiny_model_dir):
+    # (AutoProcessor on the same directory: tests/model/test_processor.py)
+    processor = load_processor(tiny_model_dir)
     assert isinstance(processor, ImageOnlyQwenVLProcessor)
     inputs = _inputs(processor, [synthetic_view(0), synthetic_view(1)])
     merge = processor.image_processor.merge_size ** 2
@@ -46,7 +46,7 @@ def test_auto_processor_keeps_the_image_processor(tiny_model_dir):
 
 
 def test_token_ids_agree_between_tokenizer_and_config(tiny_model_dir):
-    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    processor = load_processor(tiny_model_dir)
     config = Qwen2_5_VLForConditionalGeneration.config_class.from_pretrained(tiny_model_dir)
     tok = processor.tokenizer
     for name, token in [
@@ -65,7 +65,7 @@ def test_token_ids_agree_between_tokenizer_and_config(tiny_model_dir):
 
 
 def test_two_image_forward_uses_the_images(tiny_model_dir):
-    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    processor = load_processor(tiny_model_dir)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir).eval()
     a = _inputs(processor, [synthetic_view(0), synthetic_view(1)])
     b = _inputs(processor, [synthetic_view(0), synthetic_view(7)])
@@ -78,7 +78,7 @@ def test_two_image_forward_uses_the_images(tiny_model_dir):
 
 
 def test_save_load_round_trip_gives_identical_logits(tiny_model_dir, tmp_path):
-    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    processor = load_processor(tiny_model_dir)
     inputs = _inputs(processor, [synthetic_view(3), synthetic_view(4)])
     # The weights on disk are exactly the seeded initialisation ...
     with torch.random.fork_rng(devices=[]):
@@ -87,13 +87,13 @@ def test_save_load_round_trip_gives_identical_logits(tiny_model_dir, tmp_path):
     loaded = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir).eval()
     # ... and a save -> load cycle of the loaded model changes nothing.
     loaded.save_pretrained(tmp_path / "again")
-    processor.save_pretrained(tmp_path / "again")
+    save_processor(processor, tmp_path / "again")
     reloaded = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "again").eval()
     with torch.no_grad():
         logits = [m(**inputs).logits for m in (fresh, loaded, reloaded)]
     assert torch.equal(logits[0], logits[1])
     assert torch.equal(logits[1], logits[2])
-    assert isinstance(AutoProcessor.from_pretrained(tmp_path / "again"), ImageOnlyQwenVLProcessor)
+    assert isinstance(load_processor(tmp_path / "again"), ImageOnlyQwenVLProcessor)
 
 
 def test_same_seed_same_files_other_seed_other_weights(tmp_path):
@@ -132,7 +132,7 @@ def test_published_config_keeps_its_architecture_with_the_offline_tokenizer(tmp_
     text = model.config.text_config
     assert (text.vocab_size, text.hidden_size, text.intermediate_size) == (151936, 64, 96)
     assert model.config.vision_config.window_size == published["vision_config"]["window_size"]
-    processor = AutoProcessor.from_pretrained(out)
+    processor = load_processor(out)
     tok = processor.tokenizer
     assert text.bos_token_id == tok.convert_tokens_to_ids("<|endoftext|>") != published["bos_token_id"]
     assert model.config.image_token_id == tok.convert_tokens_to_ids("<|image_pad|>")
@@ -150,7 +150,7 @@ def test_spec_validation():
 
 @pytest.mark.gpu
 def test_forward_on_gpu_in_bf16(tiny_model_dir):
-    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    processor = load_processor(tiny_model_dir)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).cuda().eval()
     inputs = _inputs(processor, [synthetic_view(0), synthetic_view(1)]).to("cuda")
     with torch.no_grad():

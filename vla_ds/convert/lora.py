@@ -5,8 +5,10 @@ peft's own `LoraLayer.merge` (W <- W + (alpha/r) B A) and each adapted layer is 
 `nn.Linear`, so the backbone's parameter names become the plain Hugging Face ones. With
 `--finetune-vl full` there is nothing to merge: the unfrozen blocks already are backbone weights.
 The result is saved with `save_pretrained` (which writes a tied `lm_head`/`embed_tokens` once),
-next to the tokenizer, image processor and chat template of the original backbone, so
-`Qwen2_5_VLForConditionalGeneration.from_pretrained(DIR)` and `load_processor(DIR)` read it.
+next to the tokenizer, image processor and chat template of the original backbone, written as the
+published model has them (`vla_ds.model.processor.save_processor`), so
+`Qwen2_5_VLForConditionalGeneration.from_pretrained(DIR)`, `AutoProcessor.from_pretrained(DIR)` and
+`load_processor(DIR)` read it.
 """
 from __future__ import annotations
 
@@ -52,19 +54,19 @@ def merged_config(config, backbone_dir: str | os.PathLike):
 
 def save_backbone(model, source_backbone: str, out: Path, dtype, max_shard_size: str | int) -> Path:
     """`save_pretrained` the (merged) HF model in `dtype` + the source backbone's processor files."""
+    from vla_ds.model.processor import FOREIGN_PROCESSOR_FILES, load_processor, save_processor
+
     disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
     disable()
     model.to(dtype)
     model.save_pretrained(out, max_shard_size=parse_size(max_shard_size))
+    # The processor files name the stock classes (whatever the source's say), so AutoProcessor works.
+    save_processor(load_processor(source_backbone), out)
     src = Path(source_backbone)
-    if src.is_dir():
+    if src.is_dir():  # the rest of the source's non-weight files (README, LICENSE, ...)
         for f in sorted(src.iterdir()):
             if f.is_file() and not f.name.endswith(_WEIGHT_FILES) and not f.name.endswith(".index.json") \
-                    and not (out / f.name).exists():
+                    and f.name not in FOREIGN_PROCESSOR_FILES and not (out / f.name).exists():
                 shutil.copy2(f, out / f.name)
-    else:  # a hub id: save the processor as loaded
-        from vla_ds.model.processor import load_processor
-
-        load_processor(source_backbone).save_pretrained(out)
     log.info("merged backbone written (%s)", out.name)
     return out

@@ -6,11 +6,20 @@ torchvision (absent on CPU-only installs: there is no CPU build of it on our mac
 drops the images. `ImageOnlyQwenVLProcessor` is the same processor with `image_processor` and
 `tokenizer` only; `load_processor` builds it from any Qwen2.5-VL directory (the real 3B or the
 tiny one) by reading the tokenizer and image processor from that directory.
+
+`save_processor` writes the processor files of every backbone directory vla-ds makes (the tiny model,
+a merged LoRA) the way the published Qwen2.5-VL-3B-Instruct holds them: a flat
+`preprocessor_config.json` and `tokenizer_config.json` naming the stock `Qwen2_5_VLProcessor`, and the
+chat template. `AutoProcessor` then builds the full stock processor where torchvision is installed,
+and raises (naming torchvision) where it is not; a file naming vla-ds's own class would make it
+return a bare tokenizer, with which `generate` runs silently without the image.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
+from pathlib import Path
 
 from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, PretrainedConfig
 from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
@@ -36,8 +45,9 @@ class ImageOnlyQwenVLProcessor(Qwen2_5_VLProcessor):
 
 
 class _ImageOnlyProcessorConfig(PretrainedConfig):
-    # Registration key only: lets AutoProcessor resolve the class name written in
-    # processor_config.json without overriding the mapping of any real model type.
+    # Registration key only: lets AutoProcessor resolve the class name that directories written by
+    # vla-ds before `save_processor` hold in processor_config.json, without overriding the mapping
+    # of any real model type.
     model_type = "vla_ds_image_only_qwen_vl"
 
 
@@ -78,3 +88,32 @@ def load_processor(
     if not chat_template:
         raise ValueError(f"{path}: the tokenizer has no chat template; the backbone directory is incomplete")
     return ImageOnlyQwenVLProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template)
+
+
+STOCK_PROCESSOR = "Qwen2_5_VLProcessor"
+STOCK_IMAGE_PROCESSOR = "Qwen2VLImageProcessor"  # transformers picks the Pillow or torchvision backend
+PREPROCESSOR_FILE = "preprocessor_config.json"
+# Processor files of other layouts, which a copied or older directory may hold: never written beside ours
+# (processor_config.json would win over preprocessor_config.json and may name vla-ds's own class).
+FOREIGN_PROCESSOR_FILES = ("processor_config.json", "video_preprocessor_config.json", "chat_template.json")
+
+
+def save_processor(processor: ImageOnlyQwenVLProcessor, out_dir: str | os.PathLike) -> Path:
+    """Write `processor`'s tokenizer, image processor and chat template into `out_dir` as the published
+    Qwen2.5-VL directory has them, naming the stock classes (see the module docstring)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in FOREIGN_PROCESSOR_FILES:
+        (out / name).unlink(missing_ok=True)
+    processor.tokenizer._set_processor_class(STOCK_PROCESSOR)
+    processor.tokenizer.save_pretrained(out)
+    image = processor.image_processor.to_dict()
+    size = image.get("size") or {}
+    image.update(image_processor_type=STOCK_IMAGE_PROCESSOR, processor_class=STOCK_PROCESSOR)
+    for key, edge in (("min_pixels", "shortest_edge"), ("max_pixels", "longest_edge")):
+        if image.get(key) is None and size.get(edge) is not None:
+            image[key] = size[edge]  # the published file's keys, which older transformers read
+    (out / PREPROCESSOR_FILE).write_text(json.dumps(image, indent=2, sort_keys=True) + "\n")
+    if processor.chat_template and not (out / "chat_template.jinja").is_file():
+        (out / "chat_template.jinja").write_text(processor.chat_template)
+    return out

@@ -238,7 +238,7 @@ def write_tiny_model(out_dir: str | os.PathLike, seed: int = 0, spec: TinySpec |
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from vla_ds.model.processor import ImageOnlyQwenVLProcessor
+    from vla_ds.model.processor import ImageOnlyQwenVLProcessor, save_processor
 
     spec = spec or TinySpec()
     if max_pixels:
@@ -249,10 +249,11 @@ def write_tiny_model(out_dir: str | os.PathLike, seed: int = 0, spec: TinySpec |
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype or torch.float32).eval()
-    processor = ImageOnlyQwenVLProcessor(image_processor=build_image_processor(spec), tokenizer=tokenizer)
+    processor = ImageOnlyQwenVLProcessor(image_processor=build_image_processor(spec), tokenizer=tokenizer,
+                                         chat_template=tokenizer.chat_template)
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        processor.save_pretrained(tmp)
+        save_processor(processor, tmp)
     n = sum(p.numel() for p in model.parameters())
     log.info("wrote tiny Qwen2.5-VL (%.2f M parameters, seed %d) to %s", n / 1e6, seed, out_dir)
     return out_dir
