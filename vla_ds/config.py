@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -260,13 +261,90 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def resolve_config(args: argparse.Namespace) -> TrainConfig:
-    """`config_from_args` for a command line: invalid settings become a one-line UsageError."""
+    """`config_from_args` for a command line, then `check_inputs`: invalid settings and bad paths
+    become a one-line UsageError on every entry point, before a process group starts or weights load."""
     from vla_ds.errors import UsageError
 
     try:
-        return config_from_args(args)
+        cfg = config_from_args(args)
     except (ValueError, TypeError) as e:
         raise UsageError(str(e)) from None
+    config_file = getattr(args, "config", None)
+    from_file = set(load_yaml(config_file)) - set(vars(args)) if config_file else set()
+    check_inputs(cfg, dict.fromkeys(from_file, f" (from --config {config_file})"))
+    return cfg
+
+
+# ------------------------------------------------------------------------------------ paths on disk
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+BACKBONE_FIX = "give a Qwen2.5-VL model directory (config.json + weights, e.g. `vla-ds tiny-model DIR`) or a hub id"
+PATH_FIXES = {
+    "init_from": "give a policy directory (a run's checkpoints/final/policy, or `vla-ds convert` OUT/policy) or a "
+                 "checkpoint directory",
+    "resume": "give a checkpoint (RUN/checkpoints/step_N) or a run directory, or --resume auto / none",
+}
+
+
+def check_inputs(cfg: TrainConfig, origin: dict | None = None) -> None:
+    """Every path a run reads, checked before anything loads: --data (paths and globs) and whether
+    its episodes and --stats (else DATASET_DIR/stats.json) fit the model, --backbone, --init-from,
+    --resume, --cache-dir. A one-line UsageError naming the flag, the path and the fix. What a
+    checkpoint or policy directory must hold the trainer checks, also before any weights load.
+    `origin` maps a setting to where it was set, for the messages."""
+    from vla_ds.data.format import find_episode_dirs
+    from vla_ds.data.stats import check_fit
+    from vla_ds.errors import UsageError
+
+    m, run = cfg.model, cfg.run
+    dirs = find_episode_dirs(cfg.data.data) if cfg.data.data else []
+    check_fit(cfg.data.data, dirs, cfg.data.stats, m.action_dim, m.sensor_input_channels if m.sensor_enabled else None,
+              origin)
+    _check_backbone(m.backbone)
+    for name, spec in (("init_from", run.init_from), ("resume", None if run.resume in ("auto", "none") else run.resume)):
+        if spec and not Path(spec).exists():
+            raise UsageError(f"--{name.replace('_', '-')} {spec}: no such file or directory; {PATH_FIXES[name]}")
+    if run.cache_dir:
+        p = Path(run.cache_dir)
+        blocker = next((a for a in (p, *p.parents) if a.exists() and not a.is_dir()), None)
+        if blocker is not None:
+            raise UsageError(f"--cache-dir {p}: {'not a directory' if blocker == p else f'{blocker} is a file'}; give the "
+                             "directory of a VL cache, or a new directory for `vla-ds cache` to build one in")
+
+
+def _check_backbone(spec: str) -> None:
+    """--backbone: a directory holding a Qwen2.5-VL config.json, or a hub id (offline: in the local
+    Hugging Face cache). Only config.json is read here."""
+    import json
+    import os
+
+    from vla_ds.errors import UsageError
+
+    p = Path(spec).expanduser()
+    if p.is_dir():
+        try:
+            model_type = json.loads((p / "config.json").read_text()).get("model_type")
+        except FileNotFoundError:
+            raise UsageError(f"--backbone {spec}: no config.json in that directory; {BACKBONE_FIX}") from None
+        except (OSError, ValueError, AttributeError) as e:
+            raise UsageError(f"--backbone {spec}: unreadable config.json ({e}); {BACKBONE_FIX}") from None
+        if model_type != "qwen2_5_vl":
+            raise UsageError(f"--backbone {spec}: config.json has model_type {model_type!r}, not qwen2_5_vl; {BACKBONE_FIX}")
+        return
+    if p.exists() or not HUB_ID.fullmatch(spec):
+        raise UsageError(f"--backbone {spec}: {'not a directory' if p.exists() else 'no such directory'}; {BACKBONE_FIX}")
+    offline = any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    if offline and not _in_hub_cache(spec):
+        raise UsageError(f"--backbone {spec}: no such directory, and not in the local Hugging Face cache (offline); "
+                         f"{BACKBONE_FIX} that is downloaded")
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # noqa: BLE001 - an invalid id or an unreadable cache: not there
+        return False
 
 
 def config_from_yaml(path: str | Path, **overrides) -> TrainConfig:

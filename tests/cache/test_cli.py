@@ -60,3 +60,34 @@ def test_demo_cache_stage(tiny_model_dir, cache_data, tmp_path):
 
     result = cache_stage(tiny_model_dir, cache_data, tmp_path / "vl_cache", ["View1", "View5"])
     assert result["samples"] == 16 and result["vl_tokens"] == 5 and result["verify"]["ok"]
+
+
+def test_a_truncated_shard_is_one_line_and_a_build_repairs_it(ref_cache, copy_cache, tiny_model_dir, cache_data,
+                                                              cfg_for, caplog):
+    """A shard file cut short (an interrupted copy, a full disk): reading it would fail in a loader
+    worker with numpy's "mmap length is greater than file size". Opening the cache names the file
+    and the repair instead; `vla-ds cache` encodes that shard again, and only that one."""
+    from vla_ds.cache import open_cache_for_training
+    from vla_ds.errors import UsageError
+
+    out = copy_cache(ref_cache)
+    early = CacheReader(out)  # opened before the damage: the lazy memory map refuses in one line too
+    path = out / "shards" / "000001.tokens.npy"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    sid = next(s for s, (shard, _) in early.index.items() if early.shards[shard] == "000001")
+    for attempt in (lambda: CacheReader(out), lambda: early.features(sid),
+                    lambda: open_cache_for_training(cfg_for(out), list(early.index))):  # --cache-policy auto
+        with pytest.raises(UsageError) as e:
+            attempt()
+        msg = str(e.value)
+        assert "\n" not in msg and f"--cache-dir {out}" in msg and f"shard file {path} is truncated" in msg, msg
+        assert "`vla-ds cache`" in msg and "vla-ds cache --verify" in msg
+    caplog.clear()
+    assert cache_cmd.main(cli_args(tiny_model_dir, cache_data, out, "--verify")) == 2
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("vla-ds cache:")]
+    assert f"shard file {path} is truncated" in line
+    with caplog.at_level(logging.INFO):
+        assert cache_cmd.main(cli_args(tiny_model_dir, cache_data, out)) == 0
+    assert "16/16 samples in 4 shards (4 encoded now" in caplog.text
+    repaired, ref = CacheReader(out).features(sid), CacheReader(ref_cache).features(sid)
+    assert all(np.allclose(repaired[k].numpy(), ref[k].numpy(), atol=2e-2) for k in ref)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from vla_ds.cli import main
 from vla_ds.data.dataset import IntegratedDataset
 from vla_ds.data.ingest import IngestOptions, preprocess
 from vla_ds.data.sources import SourceError
+from vla_ds.data.stats import compute_stats
 
 SKIP = IngestOptions(skip_bad=True, sensor_dtype="float32")
 
@@ -109,3 +111,124 @@ def test_cli_reports_bad_input_in_one_line(exact_session_b, tmp_path, capfd):
     assert len(err) == 1 and str(bad) in err[0] and "invalid JSON" in err[0]
     assert main(["preprocess", str(tmp_path / "missing"), "--out", str(tmp_path / "ds")]) == 2
     assert main(["preprocess", str(exact_session_b), "--out", str(tmp_path / "ds"), "--max-side", "-1"]) == 2
+
+
+def _cli_line(capfd, command: str, *needles) -> str:
+    """The one `vla-ds COMMAND:` line of stderr (no traceback), holding every needle."""
+    err = capfd.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith(f"vla-ds {command}:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for n in needles:
+        assert str(n) in lines[0], (n, lines[0])
+    return lines[0]
+
+
+def test_npz_with_object_arrays_is_never_unpickled(exact_session_a, tmp_path, capfd):
+    npz = next(exact_session_a.glob("sensor_data_*.npz"))
+    z = dict(np.load(npz))
+    alines = np.empty(len(z["alines"]), object)
+    alines[:] = list(z["alines"])  # one Python object per row: only pickle can store it
+    np.savez(npz, timestamps=z["timestamps"], forces=z["forces"], alines=alines)
+    with pytest.raises(SourceError) as e:
+        preprocess([str(exact_session_a)], tmp_path / "ds", IngestOptions())
+    _one_line(e.value, npz, "alines holds Python objects", "never unpickles")
+    _assert_nothing_written(tmp_path / "ds")
+    assert main(["preprocess", str(exact_session_a), "--out", str(tmp_path / "ds")]) == 2
+    _cli_line(capfd, "preprocess", npz, "never unpickles")
+    summary = preprocess([str(exact_session_a)], tmp_path / "ds", SKIP)
+    assert summary["episodes"] == 0 and "Python objects" in summary["skipped_sessions"][0]["reason"]
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_nan_in_robot_csv(exact_session_a, tmp_path, capfd, value):
+    csv = next(exact_session_a.glob("robot_state_*.csv"))
+    lines = csv.read_text().splitlines()
+    header = lines[0].split(",")
+    row = lines[151].split(",")  # line 152 of the file: t0 + 0.5 s, inside the session
+    row[header.index("pose_b")] = value
+    lines[151] = ",".join(row)
+    csv.write_text("\n".join(lines) + "\n")
+    with pytest.raises(SourceError) as e:
+        preprocess([str(exact_session_a)], tmp_path / "ds", IngestOptions())
+    _one_line(e.value, csv, "line 152:", "NaN/inf in pose_b", "--skip-bad")
+    _assert_nothing_written(tmp_path / "ds")
+    assert main(["preprocess", str(exact_session_a), "--out", str(tmp_path / "ds")]) == 2
+    _cli_line(capfd, "preprocess", csv, "line 152")
+    summary = preprocess([str(exact_session_a)], tmp_path / "ds", SKIP)
+    assert summary["dropped"] == {"robot_state_nan_rows": 1} and summary["samples"] == 4
+    assert compute_stats([tmp_path / "ds"]).action_mean[4] == pytest.approx(-0.1, abs=1e-6)  # the ramp, no NaN
+
+
+def test_nan_in_a_frame_list(exact_session_b, tmp_path):
+    bad = next(exact_session_b.glob("*View5_single.json"))
+    frames = json.loads(bad.read_text())
+    frames[2]["robot_state"]["ee_pose"][0] = float("nan")
+    bad.write_text(json.dumps(frames))  # json writes NaN, and reads it back
+    with pytest.raises(SourceError) as e:
+        preprocess([str(exact_session_b)], tmp_path / "ds", IngestOptions())
+    _one_line(e.value, bad, "frame 2", "NaN/inf")
+    summary = preprocess([str(exact_session_b)], tmp_path / "ds", SKIP)
+    assert summary["episodes"] == 1 and summary["dropped"] == {"bad_frame_list": 1}
+
+
+def _point_at(frame_list, image: str) -> None:
+    frames = json.loads(frame_list.read_text())
+    frames[1]["image"] = image
+    frame_list.write_text(json.dumps(frames))
+
+
+@pytest.mark.parametrize("kind", ["absolute", "relative"])
+def test_images_outside_the_source_folder(exact_session_b, tmp_path, capfd, kind):
+    """An image path that leaves the frame list's folder (an absolute path elsewhere, or ../) is
+    refused unless --allow-external-images; --skip-bad drops that image and counts it."""
+    outside = tmp_path / "elsewhere" / "img.jpg"
+    outside.parent.mkdir()
+    shutil.copy(next((exact_session_b / "View1").glob("*.jpg")), outside)
+    lst = next(exact_session_b.glob("*View1_single.json"))
+    written = str(outside) if kind == "absolute" else "../../elsewhere/img.jpg"
+    _point_at(lst, written)
+    with pytest.raises(SourceError) as e:
+        preprocess([str(exact_session_b)], tmp_path / "ds", IngestOptions())
+    _one_line(e.value, lst, written, outside, "lies outside the source folder", "--allow-external-images")
+    _assert_nothing_written(tmp_path / "ds")
+    assert main(["preprocess", str(exact_session_b), "--out", str(tmp_path / "ds")]) == 2
+    _cli_line(capfd, "preprocess", lst, outside, "--allow-external-images")
+    summary = preprocess([str(exact_session_b)], tmp_path / "skip", SKIP)
+    assert summary["dropped"] == {"external_image:View1": 1} and summary["frames_missing_a_view"] == {"View1": 1}
+    allowed = IngestOptions(skip_bad=True, sensor_dtype="float32", allow_external_images=True)
+    assert preprocess([str(exact_session_b)], tmp_path / "skip", allowed)["written"] == 1, "the image is back: rewritten"
+    assert main(["preprocess", str(exact_session_b), "--out", str(tmp_path / "ds"), "--max-side", "0",
+                 "--allow-external-images"]) == 0
+    ds = IntegratedDataset(tmp_path / "ds", views=["View1"])
+    assert len(ds) == 4 and ds.episodes[0].frames.images["View1"][1] == str(outside)
+
+
+def test_stats_refuse_nan(exact_session_a, tmp_path, capfd):
+    out = tmp_path / "ds"
+    preprocess([str(exact_session_a)], out, IngestOptions(sensor_dtype="float32"))
+    (ep,) = (out / "episodes").iterdir()
+    sensor = np.load(ep / "sensor.npy")
+    sensor[700, 5] = np.inf
+    np.save(ep / "sensor.npy", sensor)
+    assert main(["stats", str(out)]) == 2
+    _cli_line(capfd, "stats", ep / "sensor.npy", "NaN/inf in sensor row 700", "vla-ds preprocess")
+    frames = json.loads((ep / "frames.json").read_text())
+    frames["pose"][3][1] = float("nan")
+    (ep / "frames.json").write_text(json.dumps(frames))
+    assert main(["stats", str(out)]) == 2
+    _cli_line(capfd, "stats", ep / "frames.json", "frame 3", exact_session_a)
+    assert not (out / "stats.json").exists()
+
+
+def test_stats_name_a_path_that_holds_no_dataset(tmp_path, capfd):
+    assert main(["stats", str(tmp_path / "missing")]) == 2
+    _cli_line(capfd, "stats", f"DATASET_DIR {tmp_path / 'missing'}: no such file or directory")
+    assert main(["stats", str(tmp_path / "*.none"), "--out", str(tmp_path / "s.json")]) == 2
+    _cli_line(capfd, "stats", f"DATASET_DIR {tmp_path / '*.none'}: the glob matches nothing")
+
+
+def test_preprocess_names_a_missing_source_or_an_empty_glob(tmp_path, capfd):
+    assert main(["preprocess", str(tmp_path / "missing"), "--out", str(tmp_path / "ds")]) == 2
+    _cli_line(capfd, "preprocess", f"SRC {tmp_path / 'missing'}: no such directory")
+    assert main(["preprocess", str(tmp_path / "recv_all_*"), "--out", str(tmp_path / "ds")]) == 2
+    _cli_line(capfd, "preprocess", f"SRC {tmp_path / 'recv_all_*'}: the glob matches nothing")

@@ -16,10 +16,13 @@ import torch
 
 from vla_ds.cache.fingerprint import compute_fingerprint, episode_keys, fingerprint_diff
 from vla_ds.cache.store import (
+    ARRAYS,
     FORMAT,
     INFO_FILE,
     MANIFEST_FILE,
     cache_dir_of,
+    damage,
+    damaged_shard,
     episode_of,
     layout_vl_tokens,
     read_json,
@@ -67,6 +70,11 @@ class CacheReader:
         layout = self.info["layout"]
         self.dim, self.vl_tokens, self.dtype = int(layout["dim"]), layout_vl_tokens(layout), layout["dtype"]
         self._maps: dict[tuple[int, str], np.ndarray] = {}
+        for name in self.shards:  # a truncated shard: one line now, not a traceback from a loader worker later
+            for what in ARRAYS if self.vl_tokens else ARRAYS[:1]:
+                why = damage(shard_path(self.dir, name, what))
+                if why:
+                    raise damaged_shard(self.dir, shard_path(self.dir, name, what), why)
 
     # --------------------------------------------------------------------------------- metadata
     @property
@@ -105,7 +113,11 @@ class CacheReader:
     def _array(self, shard: int, what: str) -> np.ndarray:
         arr = self._maps.get((shard, what))
         if arr is None:
-            arr = self._maps[(shard, what)] = np.load(shard_path(self.dir, self.shards[shard], what), mmap_mode="r")
+            path = shard_path(self.dir, self.shards[shard], what)
+            try:
+                arr = self._maps[(shard, what)] = np.load(path, mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError) as e:  # e.g. "mmap length is greater than file size"
+                raise damaged_shard(self.dir, path, damage(path) or f"unreadable ({e})") from None
         return arr
 
     def features(self, sample_id: str) -> dict[str, torch.Tensor]:
@@ -196,6 +208,8 @@ def _usable_reader(cfg, cache_dir: Path, sample_ids: list[str]) -> tuple[CacheRe
                       "--vl-tokens 0 or K")
     try:
         reader = CacheReader(cache_dir)
+    except UsageError:
+        raise  # a damaged cache is refused whatever the policy: it has to be repaired
     except (FileNotFoundError, ValueError) as e:
         return None, f"{e}; build it with `vla-ds cache` (same flags)"
     if reader.vl_tokens != k:

@@ -119,8 +119,41 @@ def shard_path(cache_dir: Path, name: str, what: str) -> Path:
 
 
 def read_commit(cache_dir: Path, name: str) -> dict | None:
+    """The shard's commit, or None while it is unfinished or one of its arrays is damaged (then the
+    next build encodes it again)."""
     path = shard_path(cache_dir, name, "commit")
-    return read_json(path) if path.exists() else None
+    if not path.exists():
+        return None
+    commit = read_json(path)
+    for file in commit.get("files", {}):
+        why = damage(Path(cache_dir) / SHARDS / file)
+        if why:
+            log.warning("cache: shard %s: %s is %s; it is encoded again", name, file, why)
+            return None
+    return commit
+
+
+def damage(path: Path) -> str | None:
+    """What keeps the .npy file at `path` from being memory-mapped whole (missing, unreadable, or
+    shorter than its header says: a truncated copy or a full disk), else None. Reads the header only."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(f)
+            expected = f.tell() + int(np.prod(shape)) * dtype.itemsize
+    except FileNotFoundError:
+        return "missing"
+    except (OSError, ValueError, EOFError) as e:
+        return f"unreadable ({' '.join(str(e).split())})"
+    size = path.stat().st_size
+    return f"truncated ({size} of {expected} bytes)" if size < expected else None
+
+
+def damaged_shard(cache_dir: Path, path: Path, why: str) -> UsageError:
+    """The one-line error for a shard file that cannot be read: which file, and how to repair it."""
+    return UsageError(f"--cache-dir {cache_dir}: shard file {path} is {why}; run `vla-ds cache` with the same flags to "
+                      "encode that shard again (then `vla-ds cache --verify` to check the cache)")
 
 
 def write_shard(cache_dir: Path, name: str, arrays: dict[str, np.ndarray], sample_ids: list[str],

@@ -26,6 +26,8 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--tolerance", type=float, default=0.05, help="seconds within which camera frames and robot states are matched")
     p.add_argument("--sensor-dtype", choices=["float16", "float32"], default="float16", help="storage dtype of sensor.npy")
     p.add_argument("--skip-bad", action="store_true", help="count and skip bad frames/sessions instead of stopping")
+    p.add_argument("--allow-external-images", action="store_true",
+                   help="let frame lists name images outside their own folder (absolute paths or ../ elsewhere)")
     p.add_argument("--workers", type=int, default=1, help="sessions ingested in parallel")
 
 
@@ -33,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
     from vla_ds.data.ingest import IngestOptions, log_summary, preprocess
 
     opts = IngestOptions(instruction=args.instruction, instructions_file=args.instructions, max_side=args.max_side,
-                         tolerance_s=args.tolerance, sensor_dtype=args.sensor_dtype, skip_bad=args.skip_bad)
+                         tolerance_s=args.tolerance, sensor_dtype=args.sensor_dtype, skip_bad=args.skip_bad,
+                         allow_external_images=args.allow_external_images)
     summary = preprocess(args.sources, args.out, opts, workers=args.workers)
     log_summary(summary, args.out)
     return 0

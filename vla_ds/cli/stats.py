@@ -21,8 +21,10 @@ def add_parser(sub, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from vla_ds.data.format import find_episode_dirs
     from vla_ds.data.stats import STATS_FILE, compute_stats
 
+    find_episode_dirs(args.data, flag="DATASET_DIR")  # a path or glob that holds no episodes: one line naming it
     if args.out is None:
         if len(args.data) != 1 or not Path(args.data[0]).is_dir():
             raise UsageError("--out is required when several dataset dirs or a glob are given")

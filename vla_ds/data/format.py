@@ -150,24 +150,29 @@ def write_dataset_marker(dataset_dir: str | os.PathLike) -> None:
         write_json(path, {"format": FORMAT_NAME, "version": FORMAT_VERSION})
 
 
-def find_episode_dirs(paths: list[str | os.PathLike]) -> list[Path]:
-    """Resolve dataset dirs, episode dirs or globs of either into sorted episode directories."""
+def find_episode_dirs(paths: list[str | os.PathLike], flag: str = "--data") -> list[Path]:
+    """Resolve dataset dirs, episode dirs or globs of either into sorted episode directories; a
+    one-line UsageError naming `flag` and the path (or glob) that holds none."""
     import glob
 
     found: list[Path] = []
     for spec in paths:
-        matches = sorted(glob.glob(str(spec))) or [str(spec)]
-        for m in matches:
+        matches = sorted(glob.glob(str(spec)))
+        if not matches and glob.has_magic(str(spec)) and not Path(spec).exists():
+            raise UsageError(f"{flag} {spec}: the glob matches nothing; check the pattern (dataset directories written "
+                             "by `vla-ds preprocess`, or their episode directories)")
+        for m in matches or [str(spec)]:
             p = Path(m)
             if (p / META_FILE).is_file():
                 found.append(p)
             elif (p / EPISODES_DIR).is_dir():
                 found.extend(sorted(e for e in (p / EPISODES_DIR).iterdir() if (e / META_FILE).is_file()))
             elif not p.exists():
-                raise UsageError(f"--data {spec}: no such file or directory")
+                raise UsageError(f"{flag} {spec}: no such file or directory; give a dataset directory written by "
+                                 "`vla-ds preprocess --out`")
             else:
-                raise UsageError(f"--data {spec}: not a vla-ds dataset (no {EPISODES_DIR}/ or {META_FILE}); run `vla-ds preprocess` first")
+                raise UsageError(f"{flag} {spec}: not a vla-ds dataset (no {EPISODES_DIR}/ or {META_FILE}); run `vla-ds preprocess` first")
     unique = list(dict.fromkeys(found))
     if not unique:
-        raise UsageError(f"--data {' '.join(map(str, paths))}: no episodes found")
+        raise UsageError(f"{flag} {' '.join(map(str, paths))}: no episodes found; run `vla-ds preprocess` first")
     return unique

@@ -34,7 +34,7 @@ from vla_ds.data.format import (
     FrameTable,
     write_dataset_marker,
 )
-from vla_ds.data.sources import RawEpisode, SourceError, discover_sources, read_session_a, read_session_b
+from vla_ds.data.sources import RawEpisode, SourceError, discover_sources, read_source
 from vla_ds.errors import UsageError
 from vla_ds.utils.io import atomic_dir, write_json
 
@@ -53,6 +53,7 @@ class IngestOptions:
     tolerance_s: float = 0.05  # camera/robot matching tolerance
     sensor_dtype: str = "float16"  # float16 halves disk and read bandwidth; float32 if values exceed its range
     skip_bad: bool = False  # count and skip bad frames/sessions instead of stopping
+    allow_external_images: bool = False  # frame lists may name images outside their own folder
 
     def __post_init__(self):
         if self.max_side < 0:
@@ -119,7 +120,8 @@ def episode_id_for(source: Path) -> str:
 
 
 def fingerprint(raw: RawEpisode, opts: IngestOptions, instruction: str) -> str:
-    h = hashlib.sha256(f"{INGEST_VERSION}|{raw.layout}|{instruction}|{opts.max_side}|{opts.tolerance_s}|{opts.sensor_dtype}|{opts.skip_bad}".encode())
+    external = "|external" if opts.allow_external_images else ""  # (only when set: older keys stay valid)
+    h = hashlib.sha256(f"{INGEST_VERSION}|{raw.layout}|{instruction}|{opts.max_side}|{opts.tolerance_s}|{opts.sensor_dtype}|{opts.skip_bad}{external}".encode())
     for f in sorted(raw.files):
         st = f.stat()
         h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}".encode())
@@ -308,7 +310,7 @@ def _counts(meta: EpisodeMeta) -> dict:
 def ingest_source(layout: str, path: Path, dataset_dir: Path, opts: IngestOptions) -> dict:
     """Read + write one session; bad input either raises or (skip_bad) returns a 'skipped' record."""
     try:
-        raw = read_session_a(path, opts.tolerance_s) if layout == "A" else read_session_b(path, opts.tolerance_s, opts.skip_bad)
+        raw = read_source(layout, path, opts.tolerance_s, opts.skip_bad, opts.allow_external_images)
         instruction = resolve_instruction(path, opts, load_mapping(opts.instructions_file))
         return write_episode(raw, dataset_dir, opts, instruction)
     except SourceError as e:

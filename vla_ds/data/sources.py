@@ -95,19 +95,23 @@ def check_sensor_npz(path: Path) -> dict[str, tuple]:
     """Shapes of the npz members, checked without loading the A-scans. Raises SourceError."""
     try:
         with zipfile.ZipFile(path) as zf:
-            shapes = {}
+            shapes, dtypes = {}, {}
             for name in zf.namelist():
                 with zf.open(name) as f:
                     version = np.lib.format.read_magic(f)
-                    shape, _, _ = (
+                    shape, _, dtype = (
                         np.lib.format.read_array_header_1_0(f) if version == (1, 0) else np.lib.format.read_array_header_2_0(f)
                     )
-                shapes[name.removesuffix(".npy")] = shape
+                shapes[name.removesuffix(".npy")], dtypes[name.removesuffix(".npy")] = shape, dtype
     except (zipfile.BadZipFile, ValueError, OSError) as e:
         raise SourceError(f"{path}: not a readable npz ({e})") from None
     missing = [k for k in SENSOR_KEYS if k not in shapes]
     if missing:
         raise SourceError(f"{path}: missing key(s) {', '.join(missing)}; expected timestamps, forces, alines")
+    for key in SENSOR_KEYS:  # np.load(allow_pickle=False) would refuse an object array in a traceback
+        if dtypes[key].kind not in "biuf":
+            what = "Python objects (dtype object), which vla-ds never unpickles" if dtypes[key].hasobject else f"dtype {dtypes[key]}"
+            raise SourceError(f"{path}: {key} holds {what}; save it as a numeric array (e.g. np.asarray({key}, np.float32))")
     n = shapes["timestamps"][0] if len(shapes["timestamps"]) == 1 else -1
     for key, ndim in SENSOR_KEYS.items():
         if len(shapes[key]) != ndim or shapes[key][0] != n:
@@ -153,8 +157,10 @@ def _image_times(files: list[Path]) -> tuple[np.ndarray, list[Path], int]:
     return np.asarray(times, np.float64)[order], [kept[i] for i in order], bad
 
 
-def read_robot_csv(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(t, pose (M, 6), joints (M, 6)) from a robot_state CSV; clear errors for bad files."""
+def read_robot_csv(path: Path, skip_bad: bool = False, dropped: Counter | None = None):
+    """(t, pose (M, 6), joints (M, 6)) from a robot_state CSV; clear errors for bad files. A row
+    holding NaN/inf is an error naming its line, or with `skip_bad` dropped and counted in `dropped`."""
+    dropped = Counter() if dropped is None else dropped
     with open(path, newline="") as f:
         reader = csv.reader(f)
         header = next(reader, None)
@@ -165,10 +171,23 @@ def read_robot_csv(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if missing:
             raise SourceError(f"{path}: missing column(s) {', '.join(missing)}")
         cols = [header.index(c) for c in ROBOT_COLUMNS]
-        try:
-            rows = np.asarray([[float(r[c]) for c in cols] for r in reader if r], np.float64)
-        except (ValueError, IndexError) as e:
-            raise SourceError(f"{path}: unreadable row ({e})") from None
+        values = []
+        for r in reader:
+            if not r:
+                continue
+            try:
+                row = [float(r[c]) for c in cols]
+            except (ValueError, IndexError) as e:
+                raise SourceError(f"{path}: line {reader.line_num}: unreadable row ({e})") from None
+            bad = [name for name, x in zip(ROBOT_COLUMNS, row) if not np.isfinite(x)]
+            if bad and not skip_bad:
+                raise SourceError(f"{path}: line {reader.line_num}: NaN/inf in {', '.join(bad)}; fix the row or pass "
+                                  "--skip-bad to drop such rows")
+            if bad:
+                dropped["robot_state_nan_rows"] += 1
+            else:
+                values.append(row)
+        rows = np.asarray(values, np.float64).reshape(-1, len(ROBOT_COLUMNS))
     if len(rows) < 2:
         raise SourceError(f"{path}: fewer than 2 robot states")
     rows = rows[np.argsort(rows[:, 0], kind="stable")]
@@ -176,7 +195,7 @@ def read_robot_csv(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return rows[:, 0], rows[:, 7:13], rows[:, 1:7]
 
 
-def read_session_a(session: Path, tolerance_s: float = 0.05) -> RawEpisode:
+def read_session_a(session: Path, tolerance_s: float = 0.05, skip_bad: bool = False) -> RawEpisode:
     """Read a raw recorder session `recv_all_*/` (cameras, robot CSV, optional sensor npz)."""
     views = _list_views_a(session)
     if not views:
@@ -192,7 +211,7 @@ def read_session_a(session: Path, tolerance_s: float = 0.05) -> RawEpisode:
         if bad:
             dropped[f"unparseable_image_name:{view}"] += bad
     reference = "View1" if "View1" in times else sorted(times)[0]
-    t_robot, pose_r, joints_r = read_robot_csv(csvs[0])
+    t_robot, pose_r, joints_r = read_robot_csv(csvs[0], skip_bad, dropped)
     t = times[reference]
     ok = (t >= t_robot[0] - tolerance_s) & (t <= t_robot[-1] + tolerance_s)
     dropped["no_robot_state"] += int((~ok).sum())
@@ -241,6 +260,13 @@ def _read_frame_list(path: Path) -> list[dict]:
             raise SourceError(f"{path}: frame {i} lacks timestamp/image/robot_state.ee_pose/joint_angles") from None
         if len(fr["robot_state"]["ee_pose"]) != 6 or len(fr["robot_state"]["joint_angles"]) != 6:
             raise SourceError(f"{path}: frame {i} ee_pose/joint_angles must have 6 values")
+        try:
+            values = np.asarray([fr["timestamp"], *fr["robot_state"]["ee_pose"], *fr["robot_state"]["joint_angles"]], np.float64)
+        except (TypeError, ValueError):
+            values = np.array([np.nan])
+        if not np.isfinite(values).all():
+            raise SourceError(f"{path}: frame {i} holds NaN/inf or a non-number in timestamp/ee_pose/joint_angles; fix it "
+                              "or pass --skip-bad to skip this list")
     return sorted(data, key=lambda fr: fr["timestamp"])
 
 
@@ -251,11 +277,19 @@ def view_name_b(path: Path) -> str:
     return m.group(1) + ("_right" if (m.group(2) or "").lower() == "right" else "")
 
 
-def read_session_b(folder: Path, tolerance_s: float = 0.05, skip_bad: bool = False) -> RawEpisode:
-    """Read a folder of per-view frame-list JSONs (+ sensor npz beside, when present)."""
+def _outside(image: Path, folder: Path) -> bool:
+    """Whether `image` (symlinks and `..` resolved) lies outside `folder`."""
+    return not image.resolve().is_relative_to(folder.resolve())
+
+
+def read_session_b(folder: Path, tolerance_s: float = 0.05, skip_bad: bool = False,
+                   allow_external_images: bool = False) -> RawEpisode:
+    """Read a folder of per-view frame-list JSONs (+ sensor npz beside, when present). An image that
+    resolves outside `folder` is refused (`skip_bad`: dropped and counted) unless `allow_external_images`."""
     jsons = sorted(folder.glob("*.json"))
     dropped: Counter = Counter()
     lists: dict[str, list[dict]] = {}
+    json_of: dict[str, Path] = {}
     for j in jsons:
         try:
             frames = _read_frame_list(j)
@@ -267,6 +301,7 @@ def read_session_b(folder: Path, tolerance_s: float = 0.05, skip_bad: bool = Fal
             continue
         if frames:
             lists[view_name_b(j)] = frames
+            json_of[view_name_b(j)] = j
     if not lists:
         raise SourceError(f"{folder}: no frames (no non-empty *_View*_single.json frame lists)")
     reference = "View1" if "View1" in lists else sorted(lists)[0]
@@ -281,6 +316,14 @@ def read_session_b(folder: Path, tolerance_s: float = 0.05, skip_bad: bool = Fal
                 if not skip_bad:
                     raise SourceError(f"{folder}: image {fr_list[j]['image']} not found (also not relative to the JSON)")
                 dropped[f"image_not_found:{view}"] += 1
+            elif p is not None and not allow_external_images and _outside(p, folder):
+                if not skip_bad:
+                    written = fr_list[j]["image"]
+                    real = "" if str(p.resolve()) == written else f" (= {p.resolve()})"
+                    raise SourceError(f"{json_of[view]}: image {written}{real} lies outside the source folder {folder}; "
+                                      "pass --allow-external-images if that is intended")
+                dropped[f"external_image:{view}"] += 1
+                p = None
             col.append(p)
         images[view] = col
     ref = lists[reference]
@@ -301,6 +344,14 @@ def read_session_b(folder: Path, tolerance_s: float = 0.05, skip_bad: bool = Fal
         "B", folder, files, times[reference], pose, joints, images, sensor_npz, window, dropped,
         _median_spacing(times[reference]), ascan,
     )
+
+
+def read_source(layout: str, path: Path, tolerance_s: float = 0.05, skip_bad: bool = False,
+                allow_external_images: bool = False) -> RawEpisode:
+    """The reader of `layout` ("A" or "B") applied to the session folder `path`."""
+    if layout == "A":
+        return read_session_a(path, tolerance_s, skip_bad)
+    return read_session_b(path, tolerance_s, skip_bad, allow_external_images)
 
 
 # ----------------------------------------------------------------------------- discovery
@@ -330,6 +381,8 @@ def discover_sources(paths: list[str]) -> list[tuple[str, Path]]:
         for m in matches:
             p = Path(m)
             if not p.is_dir():
-                raise UsageError(f"preprocess SRC {spec}: not a directory")
+                what = "the glob matches nothing" if glob.has_magic(str(spec)) and not p.exists() else (
+                    "not a directory" if p.exists() else "no such directory")
+                raise UsageError(f"SRC {spec}: {what}; give session folders, folders holding sessions, or globs")
             visit(p, 0)
     return list(dict.fromkeys(found))

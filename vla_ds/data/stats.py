@@ -100,21 +100,71 @@ class NormStats:
             return cls.from_dict(json.loads(path.read_text()))
         except FileNotFoundError:
             raise UsageError(f"{path}: no normalization stats; run `vla-ds stats DATASET_DIR` first") from None
-        except (json.JSONDecodeError, TypeError) as e:
-            raise UsageError(f"{path}: not a vla-ds stats file ({e})") from None
+        except (ValueError, TypeError, AttributeError) as e:  # bad JSON, missing fields, lengths, version
+            raise UsageError(f"{path}: not a vla-ds stats file ({e}); recompute it with `vla-ds stats DATASET_DIR`") from None
+
+
+def stats_path(stats: str | None, data: list[str]) -> Path | None:
+    """The stats file a run normalizes with: --stats (a file, or a directory holding stats.json),
+    else the stats.json of the first --data directory that has one; None: neither (computed at start)."""
+    if stats:
+        return Path(stats) / STATS_FILE if Path(stats).is_dir() else Path(stats)
+    return next((Path(d) / STATS_FILE for d in data if (Path(d) / STATS_FILE).is_file()), None)
+
+
+def check_fit(data: list[str], episode_dirs: list[Path], stats: str | None, action_dim: int,
+              sensor_channels: int | None, origin: dict | None = None) -> None:
+    """Before a run loads anything: the episodes' sensor channels and the stats file (--stats, else
+    beside --data) fit a model of `action_dim` actions and `sensor_channels` sensor channels (None:
+    sensor off); else a one-line UsageError naming the files, the flag and the fix. `origin` maps a
+    setting to where it was set (e.g. {"sensor_input_channels": " (from --config run.yaml)"})."""
+    from vla_ds.data.format import EpisodeMeta
+
+    origin, flag = origin or {}, "--sensor-input-channels"
+    model = f"the model reads {flag} {sensor_channels}{origin.get('sensor_input_channels', '')}"
+    for d in episode_dirs if sensor_channels is not None else []:
+        try:
+            meta = EpisodeMeta.load(d)
+        except (ValueError, TypeError) as e:
+            raise UsageError(f"--data {d}: {e}") from None
+        if meta.has_sensor and meta.sensor["channels"] != sensor_channels:
+            raise UsageError(f"--data {d}: the episode holds {meta.sensor['channels']} sensor channels but {model}; "
+                             f"pass {flag} {meta.sensor['channels']}")
+    path = stats_path(stats, data)
+    label = "--stats " if stats else ""
+    if path is None:
+        return
+    if stats and not path.is_file():
+        raise UsageError(f"--stats {stats}: no such file{' (no stats.json in that directory)' if Path(stats).is_dir() else ''}; "
+                         "give the stats.json that `vla-ds stats DATASET_DIR` wrote, or leave --stats out")
+    try:
+        s = NormStats.load(path)
+    except UsageError as e:
+        raise UsageError(f"{label}{e}") from None
+    if s.action_dim != action_dim:
+        raise UsageError(f"{label}{path}: statistics for {s.action_dim} action dims, but the model predicts --action-dim "
+                         f"{action_dim}{origin.get('action_dim', '')}; recompute them with `vla-ds stats DATASET_DIR`")
+    if sensor_channels is not None and s.sensor_mean is not None and len(s.sensor_mean) != sensor_channels:
+        raise UsageError(f"{label}{path}: sensor statistics for {len(s.sensor_mean)} channels, but {model} (--data "
+                         f"{' '.join(map(str, data))}); recompute them with `vla-ds stats DATASET_DIR` or pass {flag} "
+                         f"{len(s.sensor_mean)}")
 
 
 def compute_stats(data: list[str | os.PathLike], chunk_rows: int = 16384) -> NormStats:
     """Action and sensor statistics over every episode under `data` (streams the sensor files)."""
     from vla_ds.data.dataset import episode_actions
-    from vla_ds.data.format import SENSOR_FILE, EpisodeMeta, FrameTable, find_episode_dirs
+    from vla_ds.data.format import FRAMES_FILE, SENSOR_FILE, EpisodeMeta, FrameTable, find_episode_dirs
 
     actions, n_sensor_rows = [], 0
     s1 = s2 = None
     episodes = find_episode_dirs(data)
     for d in episodes:
         meta = EpisodeMeta.load(d)
-        actions.append(episode_actions(FrameTable.load(d).pose))
+        pose = FrameTable.load(d).pose
+        if not np.isfinite(pose).all():
+            raise UsageError(f"{Path(d) / FRAMES_FILE}: NaN/inf in the pose of frame {int(np.argmin(np.isfinite(pose).all(1)))}; "
+                             f"re-ingest its source ({meta.source.get('path')}) with `vla-ds preprocess`")
+        actions.append(episode_actions(pose))
         if not meta.has_sensor:
             continue
         mm = np.load(Path(d) / SENSOR_FILE, mmap_mode="r")
@@ -124,6 +174,9 @@ def compute_stats(data: list[str | os.PathLike], chunk_rows: int = 16384) -> Nor
             raise UsageError(f"{d}: {mm.shape[1]} sensor channels, other episodes have {len(s1)}; ingest them alike")
         for lo in range(0, len(mm), chunk_rows):
             x = np.asarray(mm[lo : lo + chunk_rows], np.float64)
+            if not np.isfinite(x).all():
+                raise UsageError(f"{Path(d) / SENSOR_FILE}: NaN/inf in sensor row {lo + int(np.argmin(np.isfinite(x).all(1)))}; "
+                                 f"re-ingest its source ({meta.source.get('path')}) with `vla-ds preprocess`")
             s1 += x.sum(0)
             s2 += (x * x).sum(0)
         n_sensor_rows += len(mm)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch.distributed as dist
 
@@ -15,14 +14,11 @@ log = logging.getLogger(__name__)
 def load_stats(cfg: TrainConfig):
     """--stats, else stats.json beside the first --data dir that has one, else computed now."""
     from vla_ds.data.format import find_episode_dirs
-    from vla_ds.data.stats import STATS_FILE, NormStats, compute_stats
+    from vla_ds.data.stats import NormStats, compute_stats, stats_path
 
-    if cfg.data.stats:
-        return NormStats.load(cfg.data.stats)
-    for spec in cfg.data.data:
-        p = Path(spec) / STATS_FILE
-        if p.is_file():
-            return NormStats.load(p)
+    path = stats_path(cfg.data.stats, cfg.data.data)
+    if path is not None:
+        return NormStats.load(path)
     log.warning("no stats.json beside --data: computing normalization stats now (run `vla-ds stats` to keep them)")
     find_episode_dirs(cfg.data.data)
     return compute_stats(cfg.data.data)

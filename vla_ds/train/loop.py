@@ -66,19 +66,24 @@ class Trainer:
     """
 
     def __init__(self, cfg: TrainConfig, phase: PhaseHook | None = None):
+        from vla_ds.train.checkpoint import resolve_resume
         from vla_ds.train.datasets import load_stats
         from vla_ds.train.ds_config import load_ds_config, resolve_ds_config
         from vla_ds.train.engine import check_combination
+        from vla_ds.train.init_from import weights_file
 
         self.cfg = cfg
         self.phase = phase or _no_phase
         ds_raw = load_ds_config(cfg.run.ds_config)
-        check_combination(cfg, ds_raw)  # before anything heavy loads
+        check_combination(cfg, ds_raw)  # before anything heavy loads, as is what --resume and --init-from name:
+        self.run_dir = Path(cfg.run.output_dir)
+        self.resume_from = resolve_resume(cfg.run.resume, self.run_dir)
+        if cfg.run.init_from:
+            weights_file(cfg.run.init_from)
         log.info("resolved config:\n%s", yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
         self.rank, self.world, self.local_rank = init_distributed()
         self.device = device_for(self.local_rank)
         torch.manual_seed(cfg.run.seed)
-        self.run_dir = Path(cfg.run.output_dir)
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
@@ -100,10 +105,10 @@ class Trainer:
 
     def _resume(self) -> None:
         """Collective. Continue from a checkpoint when --resume finds one."""
-        from vla_ds.train.checkpoint import load_checkpoint, resolve_resume
+        from vla_ds.train.checkpoint import load_checkpoint
         from vla_ds.train.metrics import truncate_metrics
 
-        step_dir = resolve_resume(self.cfg.run.resume, self.run_dir)
+        step_dir = self.resume_from
         if step_dir is None:
             return
         saved = load_checkpoint(step_dir, self.engine, world_size=self.world, model_config=self.cfg.model.to_dict())
