@@ -109,6 +109,14 @@ def run_trainings(runs: list[list[str]], spec: Path, nproc: int = 2, timeout: in
     return proc, [metrics_rows(Path(a[a.index("--output-dir") + 1])) for a in runs]
 
 
+def launch_env(**extra: str) -> dict:
+    """os.environ for a launch/*.sh script run the way a user runs it on this machine: one OpenMP
+    thread per process, DeepSpeed's CPU accelerator, wandb off, and this venv's python (PYTHON) and
+    deepspeed launcher (DEEPSPEED); `extra` on top."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled",
+            "PYTHON": sys.executable, "DEEPSPEED": str(Path(sys.executable).parent / "deepspeed"), **extra}
+
+
 def lora_run(root: Path, data: Path, backbone: Path, stage: int) -> Path:
     """2 processes, LoRA + sensor, 2 optimizer steps, one checkpoint at step 2. A large --vl-lr moves
     the LoRA adapters well away from their zero init in two steps, so a merge that forgot them
@@ -124,8 +132,7 @@ def lora_run(root: Path, data: Path, backbone: Path, stage: int) -> Path:
     else:
         cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
                str(REPO / "launch" / "train.py"), "--mode", "train", "--ds-config", f"zero{stage}", *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", WANDB_MODE="disabled", PYTHON=sys.executable)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=420, env=env, cwd=REPO)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=420, env=launch_env(), cwd=REPO)
     out.mkdir(parents=True, exist_ok=True)
     (out / "launch.log").write_text(proc.stdout + proc.stderr)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-5000:]
