@@ -17,9 +17,10 @@ The weights come from DeepSpeed's own `zero_to_fp32.get_fp32_state_dict_from_zer
 gathers the ZeRO-2/3 partitions into fp32 master weights. It returns, for both stages, the trainable
 parameters (fp32 masters), the frozen ones (as stored: the training dtype) when they are not
 excluded, and both names of a tied tensor (`lm_head.weight` aliasing `embed_tokens.weight`) pointing
-to one tensor. Its input files are DeepSpeed's torch pickles: they are unpickled by DeepSpeed itself,
-which is accepted for a checkpoint that your own run wrote. vla-ds never unpickles a file it is given
-(`refuse_pickle`).
+to one tensor. Its input files are DeepSpeed's torch pickles, which zero_to_fp32 unpickles with
+`weights_only=False`: each is first checked to load with `weights_only=True` and only DeepSpeed's state
+types allowed (`verify_torch_files`), so a crafted checkpoint is refused in one line and runs no code.
+A file given as CHECKPOINT that is itself a pickle is refused outright (`refuse_pickle`).
 
 The tensors are loaded into a `QwenVLA` rebuilt from the checkpoint's `policy/config.json` (float32,
 on the CPU) with strict name and shape checks, so what is written is exactly what that policy holds;
@@ -41,7 +42,7 @@ from types import SimpleNamespace
 
 from vla_ds.errors import UsageError
 from vla_ds.train.checkpoint import STATE_FILE
-from vla_ds.utils.weights import WEIGHTS, load_strict, parse_size, refuse_pickle, save_state_dict
+from vla_ds.utils.weights import WEIGHTS, load_strict, parse_size, refuse_pickle, save_state_dict, verify_torch_files
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +156,7 @@ def load_zero_state_dict(ds_dir: Path, tag: str, exclude_frozen: bool = False) -
     except ImportError as e:
         raise UsageError(f"vla-ds convert needs deepspeed to read ZeRO shards ({e}); install it where you convert "
                          "(the converted policy does not need it)") from None
+    verify_torch_files(sorted((ds_dir / tag).glob("*.pt")))  # before zero_to_fp32 unpickles them
     out = io.StringIO()
     try:
         with contextlib.redirect_stdout(out):  # zero_to_fp32 prints its progress

@@ -19,11 +19,14 @@ Layout of `RUN_DIR/checkpoints/`:
 Saving is collective: every rank writes its DeepSpeed shards and RNG state into
 `.step_000500.tmp/`; then rank 0 writes the policy and trainer_state.json, renames the directory
 into place and only then moves the pointers. A crash at any moment leaves the previous checkpoint
-and every pointer valid. Nothing is pickled by vla-ds (DeepSpeed's own shards are torch files that
-only DeepSpeed reads back, when you resume your own run).
+and every pointer valid. Nothing is pickled by vla-ds. DeepSpeed's own shards are torch files; on
+resume DeepSpeed reads them through `SafeCheckpointEngine`, which loads with `weights_only=True` and
+an allowlist of DeepSpeed's state types (`vla_ds.utils.weights.load_torch_state`): a crafted checkpoint
+is refused in one line and runs no code.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -39,6 +42,7 @@ import torch.distributed as dist
 from vla_ds.errors import UsageError
 from vla_ds.utils.faults import fault_point
 from vla_ds.utils.io import ordinary_modes, write_json
+from vla_ds.utils.weights import load_torch_state
 
 log = logging.getLogger(__name__)
 POINTERS = ("latest", "best", "final")
@@ -202,6 +206,24 @@ def check_compatible(saved: dict, world_size: int, model_config: dict) -> None:
                          "--init-from for a new run")
 
 
+@contextlib.contextmanager
+def safe_loading(engine):
+    """Make `engine` read checkpoint files with `load_torch_state` for the duration (this engine
+    only). DeepSpeed's own checkpoint engine calls `torch.load(..., weights_only=False)`."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    class SafeCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            return load_torch_state(path, map_location=map_location)
+
+    saved = engine.checkpoint_engine
+    engine.checkpoint_engine = SafeCheckpointEngine(engine._config)
+    try:
+        yield
+    finally:
+        engine.checkpoint_engine = saved
+
+
 def load_checkpoint(step_dir: Path, engine, *, world_size: int, model_config: dict) -> dict:
     """Collective. Restore the engine (weights, optimizer states) and this rank's RNG from `step_dir`;
     returns its trainer_state.json, from which the caller restores its own schedule, sampler and
@@ -210,8 +232,9 @@ def load_checkpoint(step_dir: Path, engine, *, world_size: int, model_config: di
 
     saved = json.loads((step_dir / STATE_FILE).read_text())
     check_compatible(saved, world_size, model_config)
-    load_path, _ = engine.load_checkpoint(str(step_dir / "ds"), tag=step_dir.name, load_optimizer_states=True,
-                                          load_lr_scheduler_states=False)
+    with safe_loading(engine):
+        load_path, _ = engine.load_checkpoint(str(step_dir / "ds"), tag=step_dir.name, load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)
     if load_path is None:
         raise UsageError(f"--resume {step_dir}: DeepSpeed found no engine state in {step_dir / 'ds'}")
     rng = step_dir / "rng" / f"rank_{dist.get_rank():05d}"

@@ -2,6 +2,9 @@
 
 - `refuse_pickle(path)`: a one-line `UsageError` for a torch/python pickle (loading one can run
   arbitrary code); vla-ds never unpickles a file it is given
+- `load_torch_state(path)` / `verify_torch_files(paths)`: the one way a DeepSpeed checkpoint's torch
+  files are read: `weights_only=True` with an allowlist of the few DeepSpeed types their states hold
+  (`DEEPSPEED_STATE_GLOBALS`), so a crafted pickle is refused in one line naming the file and never runs
 - `load_strict(targets, tensors, required, source, against)`: copy tensors into a model's
   parameters/buffers with exact name and shape checks (never a silent partial load)
 - `save_state_dict` / `read_state_dict`: model.safetensors, or the Hugging Face sharded layout
@@ -10,8 +13,10 @@
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Iterable
 
@@ -42,6 +47,60 @@ def refuse_pickle(path: str | os.PathLike) -> None:
         raise UsageError(
             f"{path} is a torch pickle, which can run code when loaded; vla-ds reads safetensors only: convert it "
             "where you trust it (torch.load + safetensors.torch.save_file) or point at a vla-ds checkpoint")
+
+
+# The only non-tensor, non-builtin types in DeepSpeed 0.19's checkpoint states (found with
+# torch.serialization.get_unsafe_globals_in_checkpoint on ZeRO-2/3, fp32/bf16 checkpoints; the
+# dynamic loss scaler is fp16's). Anything else in a checkpoint is refused, not unpickled.
+DEEPSPEED_STATE_GLOBALS = (
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
+
+
+def _allowed_globals() -> list:
+    out = []
+    for name in DEEPSPEED_STATE_GLOBALS:
+        module, _, attr = name.rpartition(".")
+        try:
+            out.append(getattr(importlib.import_module(module), attr))
+        except (ImportError, AttributeError):  # another DeepSpeed release: that type cannot be in its files
+            pass
+    return out
+
+
+def load_torch_state(path: str | os.PathLike, map_location=None, mmap: bool = False):
+    """`torch.load(path, weights_only=True)` allowing `DEEPSPEED_STATE_GLOBALS` only (for this call:
+    `safe_globals` is scoped, nothing else inherits it). A file that needs anything else -- a crafted
+    pickle that would run code -- is a `UsageError` naming the file and what it asked for."""
+    import pickle
+
+    import torch
+
+    try:
+        with torch.serialization.safe_globals(_allowed_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"(?:GLOBAL|global) ([\w.]+)", str(e))
+        what = f"references {found.group(1)}" if found else "holds objects other than tensors and DeepSpeed's state"
+        raise UsageError(f"{path}: refused: it {what}, which no DeepSpeed checkpoint holds, and unpickling it could "
+                         "run code; use a checkpoint written by your own runs, or ask its author for the converted "
+                         "policy (safetensors)") from None
+    except (RuntimeError, EOFError, OSError) as e:  # truncated or not a torch file at all
+        raise UsageError(f"{path}: cannot be read ({str(e).splitlines()[0] if str(e) else type(e).__name__}): the "
+                         "checkpoint is damaged or incomplete; use an earlier one") from None
+
+
+def verify_torch_files(paths: Iterable[str | os.PathLike]) -> None:
+    """Check that each torch file loads under `load_torch_state`'s rules (a `UsageError` otherwise), for
+    code that must hand them to a loader we do not control (DeepSpeed's zero_to_fp32). Memory-mapped
+    where the format allows, so a large optimizer shard is not read into memory to be checked."""
+    import zipfile
+
+    for p in paths:
+        load_torch_state(p, map_location="cpu", mmap=zipfile.is_zipfile(p))
 
 
 def parse_size(text: str | int, flag: str = "--max-shard-size") -> int:
