@@ -15,6 +15,12 @@
 # torch is installed (torch==2.13.0) only when none is importable in the venv, so a CUDA build
 # that is already there is kept; pip is never left to resolve torch by itself, because an
 # unpinned torch requirement pulls several GB of CUDA packages.
+#
+# Then DeepSpeed's CPU ops (shm comm, cpu_adam; ~1.5 min on an idle 2-core machine) are
+# built once, by `vla-ds build-ops`, into the user's TORCH_EXTENSIONS_DIR if set, else the venv's
+# own <venv>/torch_extensions: otherwise the first run compiles them silently, and venvs sharing
+# ~/.cache/torch_extensions rebuild each other's. VLA_DS_BUILD_OPS=0 skips this; a later run
+# builds what is missing (also when the packages are up to date). On CUDA nothing is built here.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
@@ -36,6 +42,20 @@ if ! "$vpy" -c "import torch" >/dev/null 2>&1; then
   "${pip[@]}" "$torch_pin"
 fi
 
+# The ops stamp holds the ops' directory and the ops still missing there: a change of either builds.
+ops_stamp="$venv/.vla-ds-ops"
+ops_state() {
+  "$vpy" -c "from vla_ds.utils.jit import extensions_dir, missing_ops; print(extensions_dir(), *missing_ops())"
+}
+build_ops() {
+  [ "${VLA_DS_BUILD_OPS:-1}" = 0 ] && return 0
+  [ -f "$ops_stamp" ] && [ "$(cat "$ops_stamp")" = "$(ops_state)" ] && return 0
+  echo "[setup] building DeepSpeed's ops once (VLA_DS_BUILD_OPS=0 skips)"
+  "$vpy" -m vla_ds build-ops \
+    || { echo "[setup] building DeepSpeed's ops failed (see above); VLA_DS_BUILD_OPS=0 skips it" >&2; exit 1; }
+  ops_state > "$ops_stamp"
+}
+
 # The stamp holds a hash of the packaging files: unchanged files + importable packages = done.
 stamp="$venv/.vla-ds-installed"
 want=$(cat setup.cfg pyproject.toml | "$vpy" -c "import hashlib,sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())")
@@ -44,6 +64,7 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] \
       ['vla_ds', 'torch', 'deepspeed', 'transformers', 'peft', 'bitsandbytes', 'wandb', 'safetensors', 'pytest']))" \
       >/dev/null 2>&1; then
   echo "[setup] up to date ($venv)"
+  build_ops
   exit 0
 fi
 # uv may keep torch exactly as it is (the constraint), never resolve another one: where it cannot
@@ -65,3 +86,4 @@ import importlib.metadata as md
 names = ["torch", "deepspeed", "transformers", "peft", "bitsandbytes", "wandb", "safetensors", "tokenizers", "pytest"]
 print("[setup] installed: " + ", ".join(f"{n} {md.version(n)}" for n in names))
 PY
+build_ops

@@ -10,15 +10,17 @@ from pathlib import Path
 
 import pytest
 
+from vla_ds.utils.jit import use_extensions_dir
+
 _REPO = Path(__file__).resolve().parents[1]
 
-# Offline and quiet for every test, and one JIT-extension cache per machine so DeepSpeed's ops
+# Offline and quiet for every test, and one JIT-extension cache per environment so DeepSpeed's ops
 # compile once per CI run, not once per test.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "disabled")
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(_REPO / ".cache" / "torch_extensions"))
+use_extensions_dir()  # the user's TORCH_EXTENSIONS_DIR, else this venv's: the ops launch/setup.sh built
 # One ninja for every JIT build, this interpreter's (pip's ninja, a deepspeed dependency), whatever
 # the caller's PATH: ninja 1.11 (Debian) and 1.13 (pip) hash commands differently, so each switch
 # between them rebuilt every DeepSpeed op (measured: +120 s in the launcher test, +150 s in profile).

@@ -27,6 +27,7 @@ SUBCOMMANDS = {
     "convert": "vla_ds.cli.convert",
     "profile": "vla_ds.cli.profile",
     "plan": "vla_ds.cli.plan",
+    "build-ops": "vla_ds.cli.build_ops",
 }
 
 

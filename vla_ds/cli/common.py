@@ -32,11 +32,16 @@ def launcher_parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def run_command(name: str, args: argparse.Namespace, run) -> int:
-    """Set up logging and run `run(args)`; bad input (`UsageError`) ends as one line and exit code 2."""
+    """Set up logging and run `run(args)`; bad input (`UsageError`) ends as one line and exit code 2.
+
+    First, DeepSpeed's op build directory (per environment, exported for child processes) is checked
+    for a lock a killed build left: a run needing that op would otherwise wait forever, silently."""
+    from vla_ds.utils.jit import check_stale_locks, use_extensions_dir
     from vla_ds.utils.logging import setup_logging
 
     setup_logging(args.verbose)
     try:
+        check_stale_locks(use_extensions_dir())
         return int(run(args) or 0)
     except UsageError as e:
         log.error("vla-ds %s: %s", name, e)

@@ -18,6 +18,8 @@ from typing import Iterator
 
 import torch
 
+from vla_ds.utils.jit import announce_builds, extensions_dir, use_extensions_dir
+
 
 def device_for(local_rank: int | None = None) -> torch.device:
     """This process's accelerator: GPU `local_rank` (None: the current one) when CUDA is there,
@@ -50,6 +52,8 @@ def init_distributed() -> tuple[int, int, int]:
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
+        if not torch.cuda.is_available():  # the shm comm op compiles here on first use: say so
+            announce_builds(extensions_dir(), ["deepspeed_shm_comm"])
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
     return dist.get_rank(), dist.get_world_size(), local_rank
 
@@ -119,9 +123,12 @@ def torchrun(module: str, args: list[str], nproc: int = 2, env: dict | None = No
     """`torchrun --nproc_per_node NPROC -m MODULE ARGS` on this machine, output captured (text).
 
     A free master port; one OpenMP thread per process (as torchrun itself would set); wandb off;
-    DeepSpeed's CPU accelerator where there is no GPU. `env` adds to (and overrides) those.
+    DeepSpeed's CPU accelerator where there is no GPU; TORCH_EXTENSIONS_DIR (vla-ds's per-environment
+    default unless set). `env` adds to (and overrides) those.
     `nproc=0` runs `python -m MODULE ARGS` as one plain process, with no launcher at all.
     """
+    # Every child builds/loads DeepSpeed's ops in the same per-environment directory as this process.
+    use_extensions_dir()
     base = {"OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
     if not torch.cuda.is_available():
         base["DS_ACCELERATOR"] = "cpu"

@@ -50,8 +50,9 @@ def refuse_pickle(path: str | os.PathLike) -> None:
 
 
 # The only non-tensor, non-builtin types in DeepSpeed 0.19's checkpoint states (found with
-# torch.serialization.get_unsafe_globals_in_checkpoint on ZeRO-2/3, fp32/bf16 checkpoints; the
-# dynamic loss scaler is fp16's). Anything else in a checkpoint is refused, not unpickled.
+# torch.serialization.get_unsafe_globals_in_checkpoint on the four presets' checkpoints -- ZeRO-2/3,
+# with and without CPU offload -- in fp32 and bf16; the dynamic loss scaler is fp16's). Anything
+# else in a checkpoint is refused, not unpickled.
 DEEPSPEED_STATE_GLOBALS = (
     "deepspeed.runtime.fp16.loss_scaler.LossScaler",
     "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
