@@ -14,7 +14,8 @@ HELP_FORMAT = argparse.ArgumentDefaultsHelpFormatter
 
 def subcommand(sub, name: str, run, *, help: str, description: str) -> argparse.ArgumentParser:
     """The parser of subcommand `name` (defaults shown in --help), with `run(args)` as its handler."""
-    p = sub.add_parser(name, help=help, description=description, formatter_class=HELP_FORMAT)
+    # allow_abbrev=False: prefix matching made `--deepspeed` "ambiguous" and lets a typo pick another flag
+    p = sub.add_parser(name, help=help, description=description, formatter_class=HELP_FORMAT, allow_abbrev=False)
     p.set_defaults(run=run)
     return p
 
@@ -26,7 +27,7 @@ def add_verbose_flag(p: argparse.ArgumentParser) -> None:
 def launcher_parser(prog: str, description: str) -> argparse.ArgumentParser:
     """The parser of a `python -m vla_ds.<job>` entry (torchrun/deepspeed launch these): the same
     flags as the subcommand, plus -v, which the top-level `vla-ds` parser holds otherwise."""
-    p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=HELP_FORMAT)
+    p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=HELP_FORMAT, allow_abbrev=False)
     add_verbose_flag(p)
     return p
 

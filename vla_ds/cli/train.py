@@ -33,7 +33,6 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
     """The training flags, the ecosystem's `--deepspeed`, and no prefix matching of flags."""
     from vla_ds.config import add_config_flags
 
-    p.allow_abbrev = False
     add_config_flags(p)
     p.add_argument("--deepspeed", nargs="?", const=True, default=argparse.SUPPRESS, metavar="DS_CONFIG",
                    help="accepted for compatibility: alone (DeepSpeed's flag) it has no effect, vla-ds always "
