@@ -141,7 +141,6 @@ def test_converted_policy_predicts_without_deepspeed(zero3_run, tmp_path, train_
         from safetensors.torch import save_file
         torch.set_num_threads(1)
         from tests.helpers.batches import sample_batch
-from tests.model.test_processor import assert_stock_processor_files
         from vla_ds.model.policy import QwenVLA
         policy = QwenVLA.from_pretrained({str(out / 'policy')!r}, device="cpu")
         texts, images, sensor, mask = sample_batch({str(train_data)!r})
