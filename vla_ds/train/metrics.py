@@ -55,6 +55,8 @@ class MetricsLogger:
         if rank != 0:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if (self.run_dir / METRICS_FILE).exists():
+            _drop_torn_tail(self.run_dir / METRICS_FILE)
         self._file = open(self.run_dir / METRICS_FILE, "a", buffering=1)
         if self.mode != "disabled":
             import wandb
@@ -71,6 +73,7 @@ class MetricsLogger:
         clean = {k: (float(v) if hasattr(v, "__float__") else v) for k, v in metrics.items()}
         row = {"step": int(step), "time": time.time(), **{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in clean.items()}}
         self._file.write(json.dumps(row) + "\n")
+        self._file.flush()  # one record at a time reaches the file: a kill tears at most the last one
         if self._wandb is not None:
             self._wandb.log(clean, step=int(step))
 
@@ -83,26 +86,56 @@ class MetricsLogger:
             self._wandb = None
 
 
+def _metric_lines(path: Path) -> list[tuple[str, dict]]:
+    """(line, row) of each record of a metrics.jsonl. A torn last line -- a kill while it was being
+    written -- is dropped with a notice; any other line that is not JSON is a one-line error."""
+    from vla_ds.errors import UsageError
+
+    lines = path.read_text().splitlines()
+    out = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            out.append((line, json.loads(line)))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                log.warning("%s: its last line is torn (written when the run was killed): dropped", path)
+                continue
+            raise UsageError(f"{path}: line {i + 1} is not JSON; fix or delete that line (the file is the run's "
+                             "metric history, one JSON object per line)") from None
+    return out
+
+
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
     path = Path(run_dir) / METRICS_FILE
     if not path.exists():
         from vla_ds.errors import UsageError
 
         raise UsageError(f"{run_dir}: no {METRICS_FILE}; is it a vla-ds run directory (--output-dir of a run)?")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [row for _, row in _metric_lines(path)]
 
 
 def truncate_metrics(run_dir: str | os.PathLike, max_step: int) -> None:
-    """Drop rows after `max_step` (written by a run that crashed before its next checkpoint), so a
-    resumed run's metrics.jsonl reads as one uninterrupted history."""
+    """Drop rows after `max_step` (written by a run that crashed before its next checkpoint), and a
+    torn last line, so a resumed run's metrics.jsonl reads as one uninterrupted history."""
     from vla_ds.utils.io import atomic_file
 
     path = Path(run_dir) / METRICS_FILE
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= max_step]
+    keep = [line for line, row in _metric_lines(path) if row["step"] <= max_step]
     with atomic_file(path) as f:
         f.write("".join(line + "\n" for line in keep))
+
+
+def _drop_torn_tail(path: Path) -> None:
+    """Cut a last line that lacks its newline (a kill mid-write), so the next record starts a line."""
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
+            log.warning("%s: its last line was torn (written when a run was killed): dropped", path)
 
 
 def system_metrics() -> dict:
