@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import re
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -249,7 +248,52 @@ def load_yaml(path: str | Path) -> dict:
             flat.update(v)
         else:
             flat[k.replace("-", "_")] = v
-    return flat
+    hints = {}
+    for dc in TrainConfig.GROUPS.values():
+        hints.update(typing.get_type_hints(dc))
+    return {k: _coerce(v, hints[k], f"--config {path}: {k}") if k in hints else v for k, v in flat.items()}
+
+
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _coerce(value, tp, where: str):
+    """`value` (as YAML read it) as the field type `tp`, or a ValueError naming `where`. YAML 1.1
+    reads `1e-4` as a string (its floats need a dot) and `views: View1` as a scalar: both mean what
+    a user wrote. Never a silent change of meaning: "fast" for a float, 0.5 for an int are errors."""
+    origin, args = typing.get_origin(tp), [a for a in typing.get_args(tp) if a is not type(None)]
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return None if value is None else _coerce(value, args[0], where)
+    if origin is list:
+        items = value if isinstance(value, (list, tuple)) else [value]
+        return [_coerce(x, args[0] if args else str, where) for x in items]
+    wrong = ValueError(f"{where}: {value!r} is not {'a number' if tp in (int, float) else f'a {tp.__name__}'}"
+                       f"{' (an integer)' if tp is int else ''}; fix the value in the file")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, (str, int)) and str(value).strip().lower() in _TRUE + _FALSE:
+            return str(value).strip().lower() in _TRUE
+        raise wrong
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise wrong
+        try:
+            number = float(value) if isinstance(value, str) else value
+        except ValueError:
+            raise wrong from None
+        if not isinstance(number, (int, float)):
+            raise wrong
+        if tp is int:
+            if float(number) != int(number):
+                raise wrong
+            return int(number)
+        return float(number)
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise wrong
+        return str(value)
+    return value
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -276,8 +320,6 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
 
 
 # ------------------------------------------------------------------------------------ paths on disk
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
-BACKBONE_FIX = "give a Qwen2.5-VL model directory (config.json + weights, e.g. `vla-ds tiny-model DIR`) or a hub id"
 PATH_FIXES = {
     "init_from": "give a policy directory (a run's checkpoints/final/policy, or `vla-ds convert` OUT/policy) or a "
                  "checkpoint directory",
@@ -294,12 +336,13 @@ def check_inputs(cfg: TrainConfig, origin: dict | None = None) -> None:
     from vla_ds.data.format import find_episode_dirs
     from vla_ds.data.stats import check_fit
     from vla_ds.errors import UsageError
+    from vla_ds.model.backbone import check_backbone
 
     m, run = cfg.model, cfg.run
     dirs = find_episode_dirs(cfg.data.data) if cfg.data.data else []
     check_fit(cfg.data.data, dirs, cfg.data.stats, m.action_dim, m.sensor_input_channels if m.sensor_enabled else None,
               origin)
-    _check_backbone(m.backbone)
+    check_backbone(m.backbone)
     for name, spec in (("init_from", run.init_from), ("resume", None if run.resume in ("auto", "none") else run.resume)):
         if spec and not Path(spec).exists():
             raise UsageError(f"--{name.replace('_', '-')} {spec}: no such file or directory; {PATH_FIXES[name]}")
@@ -309,42 +352,6 @@ def check_inputs(cfg: TrainConfig, origin: dict | None = None) -> None:
         if blocker is not None:
             raise UsageError(f"--cache-dir {p}: {'not a directory' if blocker == p else f'{blocker} is a file'}; give the "
                              "directory of a VL cache, or a new directory for `vla-ds cache` to build one in")
-
-
-def _check_backbone(spec: str) -> None:
-    """--backbone: a directory holding a Qwen2.5-VL config.json, or a hub id (offline: in the local
-    Hugging Face cache). Only config.json is read here."""
-    import json
-    import os
-
-    from vla_ds.errors import UsageError
-
-    p = Path(spec).expanduser()
-    if p.is_dir():
-        try:
-            model_type = json.loads((p / "config.json").read_text()).get("model_type")
-        except FileNotFoundError:
-            raise UsageError(f"--backbone {spec}: no config.json in that directory; {BACKBONE_FIX}") from None
-        except (OSError, ValueError, AttributeError) as e:
-            raise UsageError(f"--backbone {spec}: unreadable config.json ({e}); {BACKBONE_FIX}") from None
-        if model_type != "qwen2_5_vl":
-            raise UsageError(f"--backbone {spec}: config.json has model_type {model_type!r}, not qwen2_5_vl; {BACKBONE_FIX}")
-        return
-    if p.exists() or not HUB_ID.fullmatch(spec):
-        raise UsageError(f"--backbone {spec}: {'not a directory' if p.exists() else 'no such directory'}; {BACKBONE_FIX}")
-    offline = any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-    if offline and not _in_hub_cache(spec):
-        raise UsageError(f"--backbone {spec}: no such directory, and not in the local Hugging Face cache (offline); "
-                         f"{BACKBONE_FIX} that is downloaded")
-
-
-def _in_hub_cache(repo_id: str) -> bool:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
-    except Exception:  # noqa: BLE001 - an invalid id or an unreadable cache: not there
-        return False
 
 
 def config_from_yaml(path: str | Path, **overrides) -> TrainConfig:

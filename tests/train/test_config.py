@@ -55,6 +55,25 @@ def test_yaml_then_flags_override(tmp_path):
         _parse(["--mode", "train", "--data", "d", "--config", str(y)])
 
 
+def test_yaml_values_take_the_fields_types(tmp_path):
+    # PyYAML reads 1e-4 as a string (YAML 1.1 floats need a dot) and `views: View1` as a scalar
+    y = tmp_path / "run.yaml"
+    y.write_text("lr: 1e-4\nmodel:\n  head_dropout: 1e-1\n  lora_r: 8.0\nviews: View1\nsensor_enabled: 'yes'\n"
+                 "max_steps: '20'\n")
+    cfg = _parse(["--mode", "train", "--data", "d", "--config", str(y)])
+    assert cfg.optim.lr == 1e-4 and isinstance(cfg.optim.lr, float)
+    assert cfg.model.head_dropout == 0.1 and cfg.model.lora_r == 8 and isinstance(cfg.model.lora_r, int)
+    assert cfg.data.views == ["View1"] and cfg.model.sensor_enabled is True and cfg.optim.max_steps == 20
+    for text, match in [("lr: fast\n", r"lr: 'fast' is not a number"), ("lora_r: 8.5\n", r"lora_r: 8.5 is not a number \(an integer\)"),
+                        ("sensor_enabled: maybe\n", r"sensor_enabled: 'maybe' is not a bool"),
+                        ("batch_size: true\n", r"batch_size: True is not a number")]:
+        y.write_text(text)
+        with pytest.raises(UsageError, match=rf"--config {y}: {match}"):
+            from vla_ds.config import resolve_config
+
+            resolve_config(build_launcher_parser().parse_args(["--mode", "train", "--config", str(y)]))
+
+
 def test_field_names_are_unique_and_validation_names_the_flag():
     assert len(field_owners()) > 40
     with pytest.raises(ValueError, match="--warmup-ratio"):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -92,6 +93,45 @@ def check_backbone_path(path: str | os.PathLike) -> None:
     if local and not Path(text).is_dir():
         raise FileNotFoundError(f"--backbone {text}: no such directory (for a policy moved from another machine, "
                                 "pass the new location: QwenVLA.from_pretrained(dir, backbone=PATH))")
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+BACKBONE_FIX = "give a Qwen2.5-VL model directory (config.json + weights, e.g. `vla-ds tiny-model DIR`) or a hub id"
+
+
+def check_backbone(spec: str) -> None:
+    """--backbone of a training run, before anything loads: a directory holding a Qwen2.5-VL
+    config.json, or a hub id (offline: in the local Hugging Face cache); a one-line UsageError
+    otherwise. Only config.json is read. (`check_backbone_path` is the looser check of a saved
+    policy's backbone, whose message says how to point at a moved one.)"""
+    import json
+
+    p = Path(spec).expanduser()
+    if p.is_dir():
+        try:
+            model_type = json.loads((p / "config.json").read_text()).get("model_type")
+        except FileNotFoundError:
+            raise UsageError(f"--backbone {spec}: no config.json in that directory; {BACKBONE_FIX}") from None
+        except (OSError, ValueError, AttributeError) as e:
+            raise UsageError(f"--backbone {spec}: unreadable config.json ({e}); {BACKBONE_FIX}") from None
+        if model_type != "qwen2_5_vl":
+            raise UsageError(f"--backbone {spec}: config.json has model_type {model_type!r}, not qwen2_5_vl; {BACKBONE_FIX}")
+        return
+    if p.exists() or not HUB_ID.fullmatch(spec):
+        raise UsageError(f"--backbone {spec}: {'not a directory' if p.exists() else 'no such directory'}; {BACKBONE_FIX}")
+    offline = any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    if offline and not _in_hub_cache(spec):
+        raise UsageError(f"--backbone {spec}: no such directory, and not in the local Hugging Face cache (offline); "
+                         f"{BACKBONE_FIX} that is downloaded")
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # noqa: BLE001 - an invalid id or an unreadable cache: not there
+        return False
 
 
 def read_backbone_config(path: str | os.PathLike):
