@@ -153,6 +153,34 @@ def test_predict_returns_denormalized_chunks(small_config, tmp_path):
         policy.predict(texts, images, sensor[:1])
 
 
+def test_predict_refuses_a_bad_sensor_window_and_never_returns_nan(small_config):
+    from vla_ds.errors import UsageError
+
+    policy = QwenVLA(small_config(fusion_strategy="concat"), stats=STATS, device="cpu").eval()
+    texts, images, sensor = _inputs()
+    torn = sensor.clone()
+    torn[1, 10, 3] = float("nan")
+    with pytest.raises(UsageError, match=r"sensor_data of sample\(s\) \[1\] holds NaN/inf"):
+        policy.predict(texts, images, torn)
+    # a NaN in a row the mask marks invalid is no reading at all: accepted
+    mask = torch.ones(2, SENSOR_T, dtype=torch.bool)
+    mask[1, 10] = False
+    assert torch.isfinite(policy.predict(texts, images, torn, mask)).all()
+    # treat_as_missing: sample 1 is predicted as a sample without a sensor, sample 0 unchanged
+    got = policy.predict(texts, images, torn, bad_sensor="treat_as_missing")
+    torch.testing.assert_close(got[0], policy.predict(texts, images, sensor)[0])
+    torch.testing.assert_close(got[1], policy.predict(texts, images)[1])
+    with pytest.raises(UsageError, match=f"sensor_data has {SENSOR_C + 1} channels, the policy reads {SENSOR_C}"):
+        policy.predict(texts, images, torch.zeros(2, SENSOR_T, SENSOR_C + 1))
+    with pytest.raises(UsageError, match="bad_sensor='drop'"):
+        policy.predict(texts, images, sensor, bad_sensor="drop")
+    # a diverged policy: its NaN actions are an error, never handed to the robot
+    with torch.no_grad():
+        next(policy.expert.parameters()).fill_(float("nan"))
+    with pytest.raises(RuntimeError, match="non-finite actions"):
+        policy.predict(texts, images, sensor)
+
+
 @pytest.mark.parametrize("vl_tokens", [5, -1])
 def test_predict_attends_over_the_configured_vl_tokens(small_config, vl_tokens):
     """predict() runs the live backbone and reduces its tokens exactly as a VL cache of --vl-tokens K

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from vla_ds.data.stats import NormStats
+from vla_ds.errors import UsageError
 from vla_ds.model.action_head import ActionExpert, masked_action_loss
 from vla_ds.model.backbone import (
     VLEncoder,
@@ -41,6 +42,7 @@ from vla_ds.utils.dist import device_for
 
 log = logging.getLogger(__name__)
 
+BAD_SENSOR_POLICIES = ("error", "treat_as_missing")  # predict(bad_sensor=...): a window with NaN/inf
 BACKBONE_PREFIX = "vl.model."  # parameter names of the HF backbone inside the policy
 COMPONENTS = ("expert", "sensor", "vl", "vision")  # optimizer groups, in order
 # Learned embeddings and queries are not decayed, like biases and norm weights.
@@ -197,13 +199,20 @@ class QwenVLA(nn.Module):
 
     @torch.no_grad()
     def predict(self, text_inputs: list[str], image_inputs: list[list], sensor_data: torch.Tensor | None = None,
-                sensor_mask: torch.Tensor | None = None) -> torch.Tensor:
+                sensor_mask: torch.Tensor | None = None, bad_sensor: str = "error") -> torch.Tensor:
         """Denormalized action chunks `(B, H, A)` (fp32, on CPU) for the robot.
 
         `image_inputs[b]` is sample b's list of views (PIL images or file paths); `sensor_data` a raw
         `(B, T, C)` window (all rows valid unless `sensor_mask` says otherwise) or None. Runs in eval
         mode under no_grad, with bf16 autocast on CUDA.
+
+        A window with NaN/inf in a valid row is a `UsageError` (on a robot a NaN action is a safety
+        fault), unless `bad_sensor="treat_as_missing"`: that sample is then predicted as one without
+        a sensor (the learned missing-sensor embedding). A wrong channel count is a `UsageError`; a
+        non-finite prediction is a `RuntimeError`, never returned.
         """
+        if bad_sensor not in BAD_SENSOR_POLICIES:
+            raise UsageError(f"predict: bad_sensor={bad_sensor!r}; choose one of {', '.join(BAD_SENSOR_POLICIES)}")
         if len(text_inputs) != len(image_inputs):
             raise ValueError(f"predict: {len(text_inputs)} instructions but {len(image_inputs)} image lists")
         batch = {"images": [list(v) for v in image_inputs], "instructions": list(text_inputs)}
@@ -212,9 +221,23 @@ class QwenVLA(nn.Module):
             if sensor_data.dim() != 3 or sensor_data.shape[0] != len(text_inputs):
                 raise ValueError(f"predict: sensor_data must be (B={len(text_inputs)}, T, C), got "
                                  f"{tuple(sensor_data.shape)}")
+            if self.sensor_encoder is not None and sensor_data.shape[2] != self.config.sensor_input_channels:
+                raise UsageError(f"predict: sensor_data has {sensor_data.shape[2]} channels, the policy reads "
+                                 f"{self.config.sensor_input_channels} (--sensor-input-channels it was trained with)")
+            mask = (torch.ones(sensor_data.shape[:2], dtype=torch.bool) if sensor_mask is None
+                    else torch.as_tensor(sensor_mask, dtype=torch.bool))
+            # (a policy without a sensor encoder ignores the window, and its values)
+            bad = (~torch.isfinite(sensor_data) & mask[..., None]).flatten(1).any(1)
+            if self.sensor_encoder is not None and bad.any():
+                rows = bad.nonzero().flatten().tolist()
+                if bad_sensor == "error":
+                    raise UsageError(f"predict: sensor_data of sample(s) {rows} holds NaN/inf; fix the window, or pass "
+                                     "bad_sensor='treat_as_missing' to predict those samples without a sensor")
+                sensor_data = torch.where(bad[:, None, None], 0.0, sensor_data)
+                mask = mask & ~bad[:, None]
+                log.warning("predict: NaN/inf in the sensor window of sample(s) %s: predicted without a sensor", rows)
             batch["sensor"] = sensor_data
-            if sensor_mask is not None:
-                batch["sensor_mask"] = torch.as_tensor(sensor_mask, dtype=torch.bool)
+            batch["sensor_mask"] = mask
         was_training = self.training
         self.eval()
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
@@ -224,7 +247,11 @@ class QwenVLA(nn.Module):
                 out = self(batch)
         finally:
             self.train(was_training)
-        return self.normalizer.denormalize_actions(out.actions).cpu()
+        actions = self.normalizer.denormalize_actions(out.actions).cpu()
+        if not torch.isfinite(actions).all():
+            raise RuntimeError("predict: the policy produced non-finite actions (NaN/inf); not returning them -- "
+                               "check its weights (a diverged training?) and its inputs")
+        return actions
 
     # ------------------------------------------------------------------------------ optimizer
     def component_of(self, name: str) -> str:
