@@ -232,3 +232,14 @@ def test_preprocess_names_a_missing_source_or_an_empty_glob(tmp_path, capfd):
     _cli_line(capfd, "preprocess", f"SRC {tmp_path / 'missing'}: no such directory")
     assert main(["preprocess", str(tmp_path / "recv_all_*"), "--out", str(tmp_path / "ds")]) == 2
     _cli_line(capfd, "preprocess", f"SRC {tmp_path / 'recv_all_*'}: the glob matches nothing")
+
+
+def test_a_killed_writes_temp_folder_is_never_an_episode(tmp_path):
+    # atomic_dir writes `.<episode>.<random>.tmp/` and renames it; a SIGKILL leaves it, meta.json included
+    from vla_ds.data.format import EPISODES_DIR, META_FILE, find_episode_dirs
+
+    episodes = tmp_path / "dataset" / EPISODES_DIR
+    for name in ("ep_a", ".ep_b.k3j2.tmp", ".ep_a.x9.old"):
+        (episodes / name).mkdir(parents=True)
+        (episodes / name / META_FILE).write_text("{}")
+    assert [p.name for p in find_episode_dirs([tmp_path / "dataset"])] == ["ep_a"]

@@ -166,7 +166,9 @@ def find_episode_dirs(paths: list[str | os.PathLike], flag: str = "--data") -> l
             if (p / META_FILE).is_file():
                 found.append(p)
             elif (p / EPISODES_DIR).is_dir():
-                found.extend(sorted(e for e in (p / EPISODES_DIR).iterdir() if (e / META_FILE).is_file()))
+                # not the ".<episode>.*.tmp" / ".old" folders of a write that was killed (atomic_dir)
+                found.extend(sorted(e for e in (p / EPISODES_DIR).iterdir()
+                                    if not e.name.startswith(".") and (e / META_FILE).is_file()))
             elif not p.exists():
                 raise UsageError(f"{flag} {spec}: no such file or directory; give a dataset directory written by "
                                  "`vla-ds preprocess --out`")
