@@ -174,11 +174,23 @@ def field_owners() -> dict[str, str]:
     return owners
 
 
+def field_types() -> dict[str, type]:
+    """{field name: annotation} over every TrainConfig group."""
+    hints = {}
+    for dc in TrainConfig.GROUPS.values():
+        hints.update(typing.get_type_hints(dc))
+    return hints
+
+
+def _is_union(origin) -> bool:
+    return origin in (typing.Union, getattr(__import__("types"), "UnionType", None))
+
+
 def _arg_type(tp):
     """(argparse type, nargs-list?) for a dataclass field annotation."""
     origin = typing.get_origin(tp)
     args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and args:
+    if _is_union(origin) and args:
         return _arg_type(args[0])
     if origin is list:
         return args[0] if args else str, True
@@ -190,9 +202,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     absent so that a YAML file can fill them and explicit flags override it."""
     parser.add_argument("--config", default=None, help="YAML file with any of these settings (flags override it)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    hints = {}
-    for dc in TrainConfig.GROUPS.values():
-        hints.update(typing.get_type_hints(dc))
+    hints = field_types()
     for group, dc in TrainConfig.GROUPS.items():
         grp = parser.add_argument_group(f"{group} settings")
         defaults = dc.__new__(dc)  # defaults without running __post_init__ validation
@@ -248,9 +258,7 @@ def load_yaml(path: str | Path) -> dict:
             flat.update(v)
         else:
             flat[k.replace("-", "_")] = v
-    hints = {}
-    for dc in TrainConfig.GROUPS.values():
-        hints.update(typing.get_type_hints(dc))
+    hints = field_types()
     return {k: _coerce(v, hints[k], f"--config {path}: {k}") if k in hints else v for k, v in flat.items()}
 
 
@@ -262,7 +270,7 @@ def _coerce(value, tp, where: str):
     reads `1e-4` as a string (its floats need a dot) and `views: View1` as a scalar: both mean what
     a user wrote. Never a silent change of meaning: "fast" for a float, 0.5 for an int are errors."""
     origin, args = typing.get_origin(tp), [a for a in typing.get_args(tp) if a is not type(None)]
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if _is_union(origin):
         return None if value is None else _coerce(value, args[0], where)
     if origin is list:
         items = value if isinstance(value, (list, tuple)) else [value]
