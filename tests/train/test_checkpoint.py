@@ -23,6 +23,7 @@ def _pointer(out, name):
 
 
 KILL_STEPS = ["--max-steps", "12", "--save-every", "4"]
+DAMAGED_SHARD = "zero_pp_rank_1_mp_rank_00_optim_states.pt"
 CRASH_STEPS = ["--max-steps", "8", "--save-every", "3"]
 
 
@@ -50,8 +51,11 @@ def shared_runs(ctx) -> dict:
     shutil.copytree(ctx.fixture("zero2_run"), root / "refused", symlinks=True)
     # dropout stays on (head 0.1, LoRA 0.05): exactness needs the RNG states back too
     proc, _ = run_training(_args(data, bb, root / "killed", *KILL_STEPS), expect_ok=False,
-                           env={"VLA_DS_FAULT": "kill_at_step:6"})  # two steps after the checkpoint at 4
+                           env={"VLA_DS_FAULT": "kill_at_step:9"})  # a step after the checkpoint at 8
     CRASHED["killed"] = _after_crash(proc, root / "killed")
+    # ... and then the latest checkpoint is damaged (a disk filled by another job): resume falls back to 4
+    shard = root / "killed" / "checkpoints" / "step_000008" / "ds" / "step_000008" / DAMAGED_SHARD
+    shard.write_bytes(shard.read_bytes()[:1000])
     proc, _ = run_training(_args(data, bb, root / "crash", *CRASH_STEPS), expect_ok=False,
                            env={"VLA_DS_FAULT": "crash_in_save:6"})
     CRASHED["crash"] = _after_crash(proc, root / "crash")
@@ -71,9 +75,16 @@ def runs(shared) -> dict:
 
 
 def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(runs):
+    # killed after step 9, its latest checkpoint (8) then truncated: resume takes the one before (the
+    # epoch end at 7), says so, and keeps 8
     killed, out = runs["killed"], runs["killed"]["dir"]
-    assert killed["returncode"] != 0 and killed["latest"] == "step_000004"
-    assert "resumed from" in killed["log"] and "step 4," in killed["log"]
+    assert killed["returncode"] != 0 and killed["latest"] == "step_000008"
+    skipped = [ln for ln in killed["log"].splitlines() if "skipping" in ln]
+    assert len(skipped) == 1 and "step_000008" in skipped[0] and DAMAGED_SHARD in skipped[0], skipped
+    before = max(int(e[5:]) for e in killed["entries"] if e.startswith("step_") and e != "step_000008")
+    assert f"resumed from {out / 'checkpoints' / f'step_{before:06d}'}: step {before}," in killed["log"]
+    kept = out / "checkpoints" / "step_000008.damaged" / "ds" / "step_000008" / DAMAGED_SHARD
+    assert kept.stat().st_size == 1000, "the damaged checkpoint is kept aside when step 8 is saved again"
     want, got = loss_by_step(runs["full"]["rows"]), loss_by_step(killed["rows"])
     assert sorted(got) == list(range(1, 13)), "metrics.jsonl reads as one uninterrupted history"
     for step in range(1, 13):

@@ -10,6 +10,7 @@ import torch
 
 from tests.train.test_checkpoint import _args
 from vla_ds.errors import UsageError
+from vla_ds.utils.integrity import write_manifest
 
 pytestmark = pytest.mark.slow
 STEP = "step_000002"
@@ -30,11 +31,13 @@ def _plant(path, marker):
 
 
 def _crafted(zero2_run, tmp_path, file, marker):
-    """A copy of the session's 2-process LoRA run whose latest step holds a payload in `file`."""
+    """A copy of the session's 2-process LoRA run whose latest step holds a payload in `file`, with a
+    manifest to match (whoever crafts a checkpoint writes one: the manifest catches damage, not intent)."""
     out = tmp_path / "run"
     shutil.copytree(zero2_run, out, symlinks=True)
     step = out / "checkpoints" / STEP
     _plant(step / "ds" / STEP / file, marker)
+    write_manifest(step)
     return out, step
 
 
@@ -54,6 +57,7 @@ def test_resume_refuses_a_payload_and_runs_none_of_it(zero2_run, tmp_path, train
     out, step = _crafted(zero2_run, tmp_path, file, marker)
     state = json.loads((step / "trainer_state.json").read_text())
     (step / "trainer_state.json").write_text(json.dumps(dict(state, world_size=1)))  # reaches DeepSpeed's loader
+    write_manifest(step)
     assert launcher_main(["--mode", "train", *_args(train_data, tiny_model_dir, out, "--max-steps", "4")]) == 2
     lines = [ln for ln in capfd.readouterr().err.splitlines() if "vla-ds train:" in ln]
     assert len(lines) == 1 and f"{file}: refused: it references posix.system" in lines[0], lines

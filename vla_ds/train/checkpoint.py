@@ -12,6 +12,7 @@ Layout of `RUN_DIR/checkpoints/`:
                                accumulation, the model config
       rng/rank_00000.json      python / numpy RNG states of each rank (JSON)
       rng/rank_00000.safetensors   torch CPU (and CUDA) generator states of each rank
+      manifest.json            every file above with its size, written last (`vla_ds.utils.integrity`)
     latest -> step_000500      relative symlinks, replaced atomically; `best` follows the best
     best   -> step_000400      validation loss, `final` the end of training (the old trainer's
     final  -> step_001000      qwen_vla_sensor{,_best,_final}.pt)
@@ -19,7 +20,10 @@ Layout of `RUN_DIR/checkpoints/`:
 Saving is collective: every rank writes its DeepSpeed shards and RNG state into
 `.step_000500.tmp/`; then rank 0 writes the policy and trainer_state.json, renames the directory
 into place and only then moves the pointers. A crash at any moment leaves the previous checkpoint
-and every pointer valid. Nothing is pickled by vla-ds. DeepSpeed's own shards are torch files; on
+and every pointer valid. A checkpoint damaged afterwards (a disk filled by another job, a truncated
+copy) is caught on resume by its manifest: `--resume auto` takes the newest step directory that
+checks whole, says in one line which it skipped and why, and leaves the damaged one in place (if
+training saves that step again, the damaged directory is kept as `step_NNNNNN.damaged`). Nothing is pickled by vla-ds. DeepSpeed's own shards are torch files; on
 resume DeepSpeed reads them through `SafeCheckpointEngine`, which loads with `weights_only=True` and
 an allowlist of DeepSpeed's state types (`vla_ds.utils.weights.load_torch_state`): a crafted checkpoint
 is refused in one line and runs no code.
@@ -40,8 +44,10 @@ import torch
 import torch.distributed as dist
 
 from vla_ds.errors import UsageError
+from vla_ds.utils import integrity
 from vla_ds.utils.faults import fault_point
 from vla_ds.utils.io import ordinary_modes, write_json
+from vla_ds.utils.logging import rank as launcher_rank
 from vla_ds.utils.weights import load_torch_state
 
 log = logging.getLogger(__name__)
@@ -138,7 +144,13 @@ def save_checkpoint(run_dir: Path, step: int, engine, policy, trainer_state: dic
         fault_point("crash_in_save", step)
         write_json(tmp / STATE_FILE, trainer_state)
         ordinary_modes(tmp)  # safetensors and DeepSpeed write some files 0600
+        integrity.write_manifest(tmp)
         final_dir = root / name
+        damaged = integrity.check(final_dir) if final_dir.exists() else None
+        if damaged:  # resume skipped it: keep it for the user to inspect, under a name nothing reads
+            aside = _free_name(root / f"{name}.damaged")
+            os.rename(final_dir, aside)
+            log.warning("checkpoint %s was damaged (%s); kept as %s", final_dir, damaged, aside.name)
         if final_dir.exists():  # the same step saved again (e.g. epoch end == --save-every)
             old = root / f".{name}.old"
             shutil.rmtree(old, ignore_errors=True)
@@ -152,6 +164,14 @@ def save_checkpoint(run_dir: Path, step: int, engine, policy, trainer_state: dic
         log.info("checkpoint %s%s%s", final_dir, " (best)" if best else "", " (final)" if final else "")
     dist.barrier()
     return root / name
+
+
+def _free_name(path: Path) -> Path:
+    n, cand = 1, path
+    while cand.exists():
+        n += 1
+        cand = path.with_name(f"{path.name}.{n}")
+    return cand
 
 
 def point_at(run_dir: Path, step: int, *, best: bool = False, final: bool = False) -> None:
@@ -179,16 +199,41 @@ def prune(root: Path, keep_last: int) -> None:
 
 # ------------------------------------------------------------------------------------------ resume
 def resolve_resume(spec: str, run_dir: Path) -> Path | None:
-    """--resume auto|none|PATH -> a step directory, or None to start fresh."""
+    """--resume auto|none|PATH -> a step directory that checks whole, or None to start fresh.
+
+    auto: the newest step directory of RUN_DIR/checkpoints that checks whole (`integrity.check`),
+    each newer damaged one named in one line and left as it is; none there: a fresh start; only
+    damaged ones: a one-line refusal. PATH: that step directory (or a run's latest), refused in
+    one line when damaged -- a checkpoint the user named is never swapped for another."""
     if spec == "none":
         return None
     if spec == "auto":
-        return read_pointer(ckpt_root(run_dir), "latest")
+        return _newest_whole(ckpt_root(run_dir))
     p = Path(spec)
     for cand in (p, p / "latest", p / "checkpoints" / "latest"):
         if (cand / STATE_FILE).is_file():
+            why = integrity.check(cand)
+            if why:
+                raise UsageError(f"--resume {spec}: the checkpoint {cand.resolve()} is damaged: {why}; resume from an "
+                                 "earlier step directory, or --resume auto to take the newest whole one")
             return cand.resolve()
     raise UsageError(f"--resume {spec}: not a checkpoint (no {STATE_FILE}); give a step directory or a run directory")
+
+
+def _newest_whole(root: Path) -> Path | None:
+    skipped = []
+    candidates = sorted((p for p in root.iterdir() if STEP_DIR.match(p.name)), reverse=True) if root.is_dir() else []
+    for step_dir in candidates:
+        why = integrity.check(step_dir) or (None if (step_dir / STATE_FILE).is_file() else f"{STATE_FILE} is missing")
+        if why is None:
+            return step_dir.resolve()
+        skipped.append(f"{step_dir.name} ({why})")
+        if launcher_rank() == 0:  # every process resolves the same files; one notice
+            log.warning("resume: skipping %s: %s; it is left as it is", step_dir, why)
+    if skipped:
+        raise UsageError(f"--resume auto: every checkpoint in {root} is damaged: {'; '.join(skipped)}; --resume none "
+                         "starts over (each damaged one is kept aside when its step is saved again)")
+    return None
 
 
 def check_compatible(saved: dict, world_size: int, model_config: dict) -> None:
