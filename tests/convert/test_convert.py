@@ -91,6 +91,8 @@ def test_merge_lora_predicts_like_the_lora_policy(zero2_run, tmp_path, train_dat
     cfg = json.loads((out / "policy" / "config.json").read_text())
     assert cfg["backbone"] == str((out / "backbone").resolve())
     assert cfg["model"]["finetune_vl"] == "none" and cfg["model"]["vl_tokens"] == -1
+    trained_on = json.loads((zero2_run / "checkpoints" / "final" / "policy" / "config.json").read_text())["views"]
+    assert trained_on and cfg["views"] == trained_on, "the views the policy was trained on travel with it"
     weights = load_file(str(out / "policy" / "model.safetensors"))
     assert weights and not any(n.startswith("vl.") for n in weights)
     assert not any("lora" in n for n in read_state_dict(out))

@@ -181,6 +181,22 @@ def test_predict_refuses_a_bad_sensor_window_and_never_returns_nan(small_config)
         policy.predict(texts, images, sensor)
 
 
+def test_predict_refuses_another_number_of_views_than_it_was_trained_on(small_config, tmp_path):
+    from vla_ds.errors import UsageError
+
+    QwenVLA(small_config(), stats=STATS, device="cpu", views=["View1", "View2"]).save_pretrained(tmp_path / "p")
+    assert json.loads((tmp_path / "p" / "config.json").read_text())["views"] == ["View1", "View2"]
+    policy = QwenVLA.from_pretrained(tmp_path / "p", device="cpu")
+    assert policy.views == ["View1", "View2"]
+    texts, images, _ = _inputs()  # sample 1 has one view
+    with pytest.raises(UsageError, match=r"sample 1 has 1 view\(s\), the policy was trained on 2 \(View1, View2\)"):
+        policy.predict(texts, images)
+    three = [[*images[0], synthetic_view(9)], images[0]]
+    with pytest.raises(UsageError, match="sample 0 has 3 view"):
+        policy.predict(texts, three)
+    assert policy.predict(texts, [images[0], images[0]]).shape[0] == 2
+
+
 @pytest.mark.parametrize("vl_tokens", [5, -1])
 def test_predict_attends_over_the_configured_vl_tokens(small_config, vl_tokens):
     """predict() runs the live backbone and reduces its tokens exactly as a VL cache of --vl-tokens K

@@ -314,6 +314,7 @@ def convert_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike
         saved_names = policy.saved_parameter_names()
     dump = _policy_tensors(policy, torch_dtype, saved_names if trainable_only else None)
     record = SimpleNamespace(config=out_config, vl_dim=meta.get("vl_dim", policy.vl_dim), stats=stats,
+                             views=meta.get("views"),
                              saved_parameter_names=lambda: saved_names)
     with atomic_dir(out) as tmp:
         if adapter_only:

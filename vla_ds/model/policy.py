@@ -71,9 +71,12 @@ class QwenVLA(nn.Module):
     """
 
     def __init__(self, config: ModelConfig, stats: NormStats | None = None, device: torch.device | str | None = None,
-                 load_backbone: bool = True, vl_model=None):
+                 load_backbone: bool = True, vl_model=None, views: list[str] | None = None):
         super().__init__()
         self.config = config
+        # The camera views it is trained on, in order (kept in config.json): predict refuses another
+        # number of views. None (a policy saved before vla-ds recorded them): not checked.
+        self.views = list(views) if views else None
         device = torch.device(device) if device is not None else device_for()
         if vl_model is None:
             check_backbone_path(config.backbone)
@@ -209,12 +212,17 @@ class QwenVLA(nn.Module):
         A window with NaN/inf in a valid row is a `UsageError` (on a robot a NaN action is a safety
         fault), unless `bad_sensor="treat_as_missing"`: that sample is then predicted as one without
         a sensor (the learned missing-sensor embedding). A wrong channel count is a `UsageError`; a
-        non-finite prediction is a `RuntimeError`, never returned.
+        non-finite prediction is a `RuntimeError`, never returned. Each sample must have the views the
+        policy was trained on (`self.views`), in that order; another number is a `UsageError`.
         """
         if bad_sensor not in BAD_SENSOR_POLICIES:
             raise UsageError(f"predict: bad_sensor={bad_sensor!r}; choose one of {', '.join(BAD_SENSOR_POLICIES)}")
         if len(text_inputs) != len(image_inputs):
             raise ValueError(f"predict: {len(text_inputs)} instructions but {len(image_inputs)} image lists")
+        for b, views in enumerate(image_inputs):
+            if self.views is not None and len(views) != len(self.views):
+                raise UsageError(f"predict: sample {b} has {len(views)} view(s), the policy was trained on "
+                                 f"{len(self.views)} ({', '.join(self.views)}); give those views, in that order")
         batch = {"images": [list(v) for v in image_inputs], "instructions": list(text_inputs)}
         if sensor_data is not None:
             sensor_data = torch.as_tensor(sensor_data, dtype=torch.float32)

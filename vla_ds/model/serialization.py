@@ -1,6 +1,7 @@
 """A saved policy directory: `config.json`, `model.safetensors`, `stats.json`.
 
-- config.json: `{"format": "vla-ds-policy", "version": 1, "backbone": ..., "vl_dim": D, "model": {ModelConfig}}`;
+- config.json: `{"format": "vla-ds-policy", "version": 1, "backbone": ..., "vl_dim": D, "views": [camera
+  views trained on, in order] or null, "model": {ModelConfig}}`;
   a config saved before `vl_tokens` existed loads with `vl_tokens = -1` (every VL token, as then)
 - model.safetensors: exactly `QwenVLA.saved_parameter_names()` -- the vla-ds-owned weights and the
   trained part of the backbone (LoRA adapters or unfrozen blocks), not the frozen backbone. Names
@@ -61,6 +62,7 @@ def save_policy(policy, out_dir: str | os.PathLike, state_dict: dict | None = No
         "version": VERSION,
         "backbone": policy.config.backbone,
         "vl_dim": policy.vl_dim,
+        "views": policy.views,
         "model": policy.config.to_dict(),
     }
     with atomic_dir(out_dir) as tmp:
@@ -111,4 +113,5 @@ def load_policy(cls, path: str | os.PathLike, backbone: str | os.PathLike | None
         raise FileNotFoundError(f"{weights}: missing; the policy directory is incomplete")
     targets = {**dict(policy.named_buffers()), **dict(policy.named_parameters(remove_duplicate=False))}
     load_strict(targets, load_file(str(weights)), policy.saved_parameter_names(), str(weights), str(path / CONFIG_FILE))
+    policy.views = meta.get("views")
     return policy.eval()

@@ -170,7 +170,7 @@ class Trainer:
             for ds in (self.train_ds, self.val_ds):
                 if ds is not None:
                     ds.load_images = True
-        self.model = QwenVLA(cfg.model, self.stats, device=self.device, load_backbone=load_backbone)
+        self.model = QwenVLA(cfg.model, self.stats, device=self.device, load_backbone=load_backbone, views=full.view_names)
         self.param_counts = self.model.parameter_counts()  # before ZeRO-3 partitions the parameters
         if cfg.run.init_from:
             from vla_ds.train.init_from import load_init_weights
