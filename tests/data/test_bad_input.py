@@ -243,3 +243,60 @@ def test_a_killed_writes_temp_folder_is_never_an_episode(tmp_path):
         (episodes / name).mkdir(parents=True)
         (episodes / name / META_FILE).write_text("{}")
     assert [p.name for p in find_episode_dirs([tmp_path / "dataset"])] == ["ep_a"]
+
+
+def test_an_empty_session_folder_beside_good_ones_is_reported(exact_session_a, tmp_path):
+    empty = exact_session_a.parent / "recv_all_20251027_000001"  # a copy that never finished
+    empty.mkdir()
+    with pytest.raises(SourceError) as e:
+        preprocess([str(exact_session_a.parent)], tmp_path / "ds", IngestOptions())
+    _one_line(e.value, empty, "empty session")
+    summary = preprocess([str(exact_session_a.parent)], tmp_path / "ds", SKIP)
+    assert summary["episodes"] == 1 and [s["source"] for s in summary["skipped_sessions"]] == [str(empty)]
+
+
+def test_preprocess_clears_the_temporaries_a_killed_run_left_and_only_those(exact_session_a, tmp_path):
+    import os
+
+    from vla_ds.errors import UsageError
+    from vla_ds.utils.lock import LOCK_FILE
+
+    out = tmp_path / "ds"
+    preprocess([str(exact_session_a)], out, SKIP)
+    (episode,) = (out / "episodes").iterdir()
+    meta = (episode / "meta.json").read_bytes()
+    # what a SIGKILL inside atomic_dir / atomic_file leaves (tempfile's 8-character names) ...
+    left = [out / "episodes" / f".{episode.name}.k3j2a_9x.tmp", out / "episodes" / f".{episode.name}.q1w2e3r4.old",
+            out / "episodes" / ".other_ep.abcdefgh.tmp"]
+    for d in left:
+        (d / "images").mkdir(parents=True)
+        (d / "meta.json").write_text("{}")
+    (out / ".summary.json.zz00yy11.tmp").write_text("{")
+    # ... and what is not ours to delete
+    mine = [out / "episodes" / ".notes", out / "episodes" / ".ep.tmp", out / "my_notes.txt"]
+    for p in mine:
+        p.write_text("keep")
+    # a live preprocess into the same directory: refused, nothing touched
+    (out / LOCK_FILE).write_text(json.dumps({"pid": os.getppid(), "host": os.uname().nodename, "since": "now"}))
+    with pytest.raises(UsageError) as e:
+        preprocess([str(exact_session_a)], out, SKIP)
+    assert f"--out {out}: another preprocess holds it (pid {os.getppid()}" in str(e.value)
+    assert all(d.exists() for d in left)
+    (out / LOCK_FILE).unlink()  # (a lock whose process is gone is taken over: tests/cache)
+    summary = preprocess([str(exact_session_a)], out, SKIP)
+    assert summary["unchanged"] == 1 and (episode / "meta.json").read_bytes() == meta
+    assert not any(d.exists() for d in left) and not (out / ".summary.json.zz00yy11.tmp").exists()
+    assert all(p.read_text() == "keep" for p in mine) and not (out / LOCK_FILE).exists()
+
+
+def test_a_sensor_of_another_width_is_caught_at_preprocess(exact_session_a, tmp_path, capfd):
+    npz = next(exact_session_a.glob("sensor_data_*.npz"))
+    z = dict(np.load(npz))
+    np.savez(npz, **dict(z, alines=z["alines"][:, :1000]))
+    with pytest.raises(SourceError) as e:
+        preprocess([str(exact_session_a)], tmp_path / "ds", IngestOptions())
+    _one_line(e.value, npz, "1001 sensor channels (1 force + 1000 A-scan)", "--sensor-input-channels is 1026",
+              "pass --sensor-input-channels 1001 to preprocess and to training")
+    _assert_nothing_written(tmp_path / "ds")
+    assert main(["preprocess", str(exact_session_a), "--out", str(tmp_path / "ds"), "--sensor-input-channels", "1001"]) == 0
+    assert json.loads(next((tmp_path / "ds" / "episodes").glob("*/meta.json")).read_text())["sensor"]["channels"] == 1001

@@ -24,8 +24,8 @@ from vla_ds.cache.store import (
     FORMAT,
     INFO_FILE,
     PLAN_FILE,
-    CacheLock,
     cache_dir_of,
+    cache_lock,
     episode_of,
     layout_vl_tokens,
     plan_shards,
@@ -195,7 +195,7 @@ def build_cache(cfg, shard_size: int = 2048, skip_bad: bool = False, cache_dtype
     fp = compute_fingerprint(cfg.model, ds.view_names, device)
     keys = episode_keys(ds)
     samples = {s: keys[episode_of(s)] for s in ds.sample_ids()}
-    lock, error, pending, layout = CacheLock(cache_dir), None, [], None
+    lock, error, pending, layout = cache_lock(cache_dir), None, [], None
     if rank == 0:
         try:
             cache_dir.mkdir(parents=True, exist_ok=True)

@@ -23,20 +23,18 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import socket
-import time
 from pathlib import Path
 
 import numpy as np
 
 from vla_ds.errors import UsageError
 from vla_ds.utils.io import atomic_file, write_json
+from vla_ds.utils.lock import DirLock
 
 log = logging.getLogger(__name__)
 
 FORMAT = 1  # bump when the layout or the meaning of stored features changes
-INFO_FILE, PLAN_FILE, MANIFEST_FILE, LOCK_FILE, SHARDS = "cache.json", "plan.json", "manifest.json", ".lock", "shards"
+INFO_FILE, PLAN_FILE, MANIFEST_FILE, SHARDS = "cache.json", "plan.json", "manifest.json", "shards"
 ARRAYS = ("pooled", "tokens", "tokens_mask")
 
 
@@ -60,57 +58,9 @@ def read_json(path: Path):
 
 
 # ------------------------------------------------------------------------------------------ lock
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a killed but not yet reaped child still answers kill(0): count zombies as dead
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
-class CacheLock:
-    """One build per cache directory: `.lock` is created exclusively (O_EXCL) and names its holder.
-
-    A lock left by a process that no longer runs on this host (a killed build) is taken over; a
-    live holder, or one on another host (cannot be checked), makes the build refuse.
-    """
-
-    def __init__(self, cache_dir: Path):
-        self.path = Path(cache_dir) / LOCK_FILE
-        self.held = False
-
-    def acquire(self) -> CacheLock:
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
-        for _ in range(3):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                try:
-                    holder = json.loads(self.path.read_text() or "{}")
-                except (OSError, ValueError):
-                    holder = {}
-                pid, host = holder.get("pid"), holder.get("host")
-                if isinstance(pid, int) and host == me["host"] and not _pid_alive(pid):
-                    log.warning("cache: taking over %s left by pid %d, which no longer runs", self.path, pid)
-                    self.path.unlink(missing_ok=True)
-                    continue
-                raise UsageError(f"--cache-dir {self.path.parent}: another cache build holds it (pid {pid} on {host}, "
-                                 f"since {holder.get('since')}); wait for it, or delete {self.path} if it is gone") from None
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            self.held = True
-            return self
-        raise UsageError(f"--cache-dir {self.path.parent}: could not take {self.path}; is another build starting?")
-
-    def release(self) -> None:
-        if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False
+def cache_lock(cache_dir: Path) -> DirLock:
+    """One build per cache directory (`vla_ds.utils.lock`)."""
+    return DirLock(cache_dir, "--cache-dir", "cache build")
 
 
 # ------------------------------------------------------------------------------------------ writing

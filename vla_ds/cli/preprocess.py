@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from vla_ds.cli.common import subcommand
+from vla_ds.data.format import SENSOR_CHANNELS
 
 
 def add_parser(sub, name: str) -> None:
@@ -28,15 +29,19 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--skip-bad", action="store_true", help="count and skip bad frames/sessions instead of stopping")
     p.add_argument("--allow-external-images", action="store_true",
                    help="let frame lists name images outside their own folder (absolute paths or ../ elsewhere)")
+    p.add_argument("--sensor-input-channels", type=int, default=SENSOR_CHANNELS,
+                   help="sensor channels per row the policy will read (1 force + A-scan samples); a session whose "
+                        "stream has another width is refused (skipped with --skip-bad)")
     p.add_argument("--workers", type=int, default=1, help="sessions ingested in parallel")
 
 
 def run(args: argparse.Namespace) -> int:
-    from vla_ds.data.ingest import IngestOptions, log_summary, preprocess
+    from vla_ds.data.ingest import IngestOptions, preprocess
+    from vla_ds.data.summary import log_summary
 
     opts = IngestOptions(instruction=args.instruction, instructions_file=args.instructions, max_side=args.max_side,
                          tolerance_s=args.tolerance, sensor_dtype=args.sensor_dtype, skip_bad=args.skip_bad,
-                         allow_external_images=args.allow_external_images)
+                         allow_external_images=args.allow_external_images, sensor_channels=args.sensor_input_channels)
     summary = preprocess(args.sources, args.out, opts, workers=args.workers)
     log_summary(summary, args.out)
     return 0

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from vla_ds.data.format import SENSOR_FILE, EpisodeMeta, FrameTable, find_episode_dirs, pose_deltas
+from vla_ds.data.format import SENSOR_CHANNELS, SENSOR_FILE, EpisodeMeta, FrameTable, find_episode_dirs, pose_deltas
 from vla_ds.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ class IntegratedDataset(Dataset):
         channels = {ep.meta.sensor["channels"] for ep in episodes if ep.meta.has_sensor}
         if len(channels) > 1:
             raise UsageError(f"--data: episodes disagree on sensor channels {sorted(channels)}; ingest them alike")
-        self.sensor_channels = sensor_channels or (channels.pop() if channels else 1026)
+        self.sensor_channels = sensor_channels or (channels.pop() if channels else SENSOR_CHANNELS)
         self._build_index()
         self._mmaps: dict[int, np.ndarray] = {}
 

@@ -41,6 +41,7 @@ FRAMES_FILE = "frames.json"
 SENSOR_FILE = "sensor.npy"
 SENSOR_TIME_FILE = "sensor_t.npy"
 POSE_DIM = 6
+SENSOR_CHANNELS = 1026  # our OCT/FPI sensor's row: 1 force + 1025 A-scan samples (--sensor-input-channels default)
 ANGLE_DIMS = (3, 4, 5)  # a, b, r in degrees
 # float16 holds integers exactly up to 2048 and values up to 65504; beyond that we keep float32.
 FLOAT16_SAFE_MAX = 60000.0

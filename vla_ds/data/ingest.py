@@ -28,6 +28,7 @@ import numpy as np
 from vla_ds.data.format import (
     EPISODES_DIR,
     FLOAT16_SAFE_MAX,
+    SENSOR_CHANNELS,
     SENSOR_FILE,
     SENSOR_TIME_FILE,
     EpisodeMeta,
@@ -35,8 +36,10 @@ from vla_ds.data.format import (
     write_dataset_marker,
 )
 from vla_ds.data.sources import RawEpisode, SourceError, discover_sources, read_source
+from vla_ds.data.summary import summarize
 from vla_ds.errors import UsageError
-from vla_ds.utils.io import atomic_dir, write_json
+from vla_ds.utils.io import atomic_dir, remove_stale_temporaries, write_json
+from vla_ds.utils.lock import DirLock
 
 log = logging.getLogger(__name__)
 CHUNK_ROWS = 8192
@@ -54,6 +57,7 @@ class IngestOptions:
     sensor_dtype: str = "float16"  # float16 halves disk and read bandwidth; float32 if values exceed its range
     skip_bad: bool = False  # count and skip bad frames/sessions instead of stopping
     allow_external_images: bool = False  # frame lists may name images outside their own folder
+    sensor_channels: int = SENSOR_CHANNELS  # what the model will read: a stream of another width is refused (a check only)
 
     def __post_init__(self):
         if self.max_side < 0:
@@ -311,6 +315,11 @@ def ingest_source(layout: str, path: Path, dataset_dir: Path, opts: IngestOption
     """Read + write one session; bad input either raises or (skip_bad) returns a 'skipped' record."""
     try:
         raw = read_source(layout, path, opts.tolerance_s, opts.skip_bad, opts.allow_external_images)
+        channels = 1 + raw.sensor_ascan
+        if raw.sensor_npz is not None and channels != opts.sensor_channels:
+            raise SourceError(f"{raw.sensor_npz}: {channels} sensor channels (1 force + {raw.sensor_ascan} A-scan), but "
+                              f"--sensor-input-channels is {opts.sensor_channels}; for this sensor pass "
+                              f"--sensor-input-channels {channels} to preprocess and to training")
         instruction = resolve_instruction(path, opts, load_mapping(opts.instructions_file))
         return write_episode(raw, dataset_dir, opts, instruction)
     except SourceError as e:
@@ -321,16 +330,28 @@ def ingest_source(layout: str, path: Path, dataset_dir: Path, opts: IngestOption
 
 
 def preprocess(sources: list[str], dataset_dir: str | os.PathLike, opts: IngestOptions, workers: int = 1) -> dict:
-    """Ingest every session under `sources` into `dataset_dir`; returns (and writes) the summary."""
-    from vla_ds.utils.progress import progress
-
+    """Ingest every session under `sources` into `dataset_dir`; returns (and writes) the summary.
+    Holds `dataset_dir/.lock` meanwhile (a second preprocess into it is refused) and first removes
+    the temporary folders an interrupted run left (`utils.io` names them; none is a live writer's)."""
     dataset_dir = Path(dataset_dir)
     found = discover_sources(sources)
     if not found:
         raise SourceError(f"preprocess: no sessions found under {' '.join(sources)}")
     load_mapping(opts.instructions_file)  # fail on a bad mapping file before any work
     dataset_dir.mkdir(parents=True, exist_ok=True)
-    write_dataset_marker(dataset_dir)
+    with DirLock(dataset_dir, "--out", "preprocess"):  # so the temporaries found below are no live writer's
+        for d in (dataset_dir, dataset_dir / EPISODES_DIR):
+            for stale in remove_stale_temporaries(d):
+                log.info("preprocess: removed %s, left by an interrupted run", stale)
+        write_dataset_marker(dataset_dir)
+        summary = summarize(_ingest_all(found, dataset_dir, opts, workers))
+        write_json(dataset_dir / "summary.json", summary)
+    return summary
+
+
+def _ingest_all(found: list[tuple[str, Path]], dataset_dir: Path, opts: IngestOptions, workers: int) -> list[dict]:
+    from vla_ds.utils.progress import progress
+
     records = []
     with progress(total=len(found), desc="preprocess", unit="session") as bar:
         if workers > 1:
@@ -345,50 +366,4 @@ def preprocess(sources: list[str], dataset_dir: str | os.PathLike, opts: IngestO
             for lay, p in found:
                 records.append(ingest_source(lay, p, dataset_dir, opts))
                 bar.update(1)
-    summary = summarize(records)
-    write_json(dataset_dir / "summary.json", summary)
-    return summary
-
-
-def summarize(records: list[dict]) -> dict:
-    ok = [r for r in records if r["status"] != "skipped"]
-    dropped: Counter = Counter()
-    missing: Counter = Counter()
-    for r in ok:
-        dropped.update(r.get("dropped", {}))
-        missing.update(r.get("missing_views", {}))
-    samples = sum(r["samples"] for r in ok)
-    sensor_samples = sum(r["sensor_samples"] for r in ok)
-    return {
-        "episodes": len(ok),
-        "episodes_with_sensor": sum(r["has_sensor"] for r in ok),
-        "written": sum(r["status"] == "written" for r in ok),
-        "unchanged": sum(r["status"] == "unchanged" for r in ok),
-        "skipped_sessions": [{"source": r["source"], "reason": r["reason"]} for r in records if r["status"] == "skipped"],
-        "samples": samples,
-        "sensor_samples": sensor_samples,
-        "sensor_share": sensor_samples / samples if samples else 0.0,
-        "dropped": {k: v for k, v in dropped.items() if v},
-        "frames_missing_a_view": {k: v for k, v in missing.items() if v},
-        "episode_records": records,
-    }
-
-
-def log_summary(summary: dict, out: Path) -> None:
-    """What `preprocess` did, as the lines `vla-ds preprocess` prints (rank 0's log)."""
-    log.info(
-        "%d episodes (%d written, %d unchanged, %d with sensor), %d samples, sensor share %.1f %%",
-        summary["episodes"],
-        summary["written"],
-        summary["unchanged"],
-        summary["episodes_with_sensor"],
-        summary["samples"],
-        100 * summary["sensor_share"],
-    )
-    for reason, n in sorted(summary["dropped"].items()):
-        log.info("  dropped %5d  %s", n, reason)
-    for view, n in sorted(summary["frames_missing_a_view"].items()):
-        log.info("  %5d frames without a %s image within tolerance", n, view)
-    for s in summary["skipped_sessions"]:
-        log.info("  skipped session %s: %s", s["source"], s["reason"])
-    log.info("dataset: %s (summary in %s)", out, json.dumps(str(Path(out) / "summary.json")))
+    return records

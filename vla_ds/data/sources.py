@@ -360,15 +360,17 @@ def read_source(layout: str, path: Path, tolerance_s: float = 0.05, skip_bad: bo
 def discover_sources(paths: list[str]) -> list[tuple[str, Path]]:
     """(layout, folder) for every session under the given paths or globs.
 
-    A folder is a layout-A session when it holds View*/ folders and a robot_state CSV, a layout-B
-    session when it holds *.json frame lists; otherwise its subfolders are searched.
+    A folder is a layout-A session when it holds a robot_state CSV or is named recv_all_* (the
+    recorder's name: such a folder is a session even when empty, so an empty or half-copied one is
+    reported, not passed over); a layout-B session when it holds *.json frame lists; otherwise its
+    subfolders are searched.
     """
     import glob
 
     found: list[tuple[str, Path]] = []
 
     def visit(p: Path, depth: int) -> None:
-        if any(p.glob("robot_state_*.csv")) or (p.name.startswith("recv_all_") and any(p.glob("View*"))):
+        if any(p.glob("robot_state_*.csv")) or (p.name.startswith("recv_all_") and not any(p.glob("*.json"))):
             found.append(("A", p))
         elif any(p.glob("*.json")):
             found.append(("B", p))

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+from vla_ds.data.format import SENSOR_CHANNELS
+
 FINETUNE_MODES = ("none", "lora", "full")
 FUSION_STRATEGIES = ("concat", "cross_attention", "gated", "none")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
@@ -58,7 +60,7 @@ class ModelConfig:
     # Off by default, as in the old trainer: the sensor encoder is then not built and batches'
     # sensor tensors are ignored, whatever the fusion strategy.
     sensor_enabled: bool = False
-    sensor_input_channels: int = 1026  # channel 0 = force, 1.. = A-scan samples
+    sensor_input_channels: int = SENSOR_CHANNELS  # channel 0 = force, 1.. = A-scan samples
     sensor_temporal_length: int = 650
     sensor_hidden_dim: int = 512
     sensor_output_dim: int = 3072  # width of sensor tokens and pooled vector (the old default)

@@ -1,5 +1,8 @@
 """Atomic writes: a reader (or a crash) never sees a half-written file or directory.
 
+A crash leaves at most a temporary sibling (`.<name>.<random>.tmp` / `.old`), which
+`remove_stale_temporaries` clears for a caller that holds the directory's lock.
+
 Files and directories are written to a temporary sibling on the same filesystem and moved into
 place with `os.replace`/`os.rename`, which are atomic on POSIX. What lands gets the umask's normal
 modes (0644 files, 0755 directories by default): `mkstemp`/`mkdtemp` and safetensors create 0600/0700,
@@ -10,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -85,3 +89,21 @@ def atomic_dir(path: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# What atomic_file / atomic_dir name their temporaries beside PATH: `.<name>.<8 random>.tmp` (a file
+# or directory being written) and `.<name>.<8 random>.old` (the replaced directory, being deleted).
+_TEMPORARY = re.compile(r"^\..+\.[a-z0-9_]{8}\.(tmp|old)$")
+
+
+def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
+    """Delete the temporaries atomic_file / atomic_dir left in `directory` (a killed writer's); returns
+    them. Only for a caller that knows no writer is live there (it holds the directory's lock)."""
+    directory = Path(directory)
+    found = sorted(p for p in directory.iterdir() if _TEMPORARY.match(p.name)) if directory.is_dir() else []
+    for p in found:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+    return found
