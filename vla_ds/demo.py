@@ -75,8 +75,8 @@ def run_demo(out: str | Path, seed: int = 0, train_steps: int = 40) -> dict:
         raise UsageError(f"--train-steps {train_steps}: the demo kills its second run at step {KILL_AT} and resumes "
                          f"it, so give more than {KILL_AT} steps")
     from vla_ds.data.ingest import IngestOptions, preprocess
-    from vla_ds.data.summary import log_summary
     from vla_ds.data.stats import compute_stats
+    from vla_ds.data.summary import log_summary
     from vla_ds.model.tiny import write_tiny_model
     from vla_ds.train.plot import plot_run
 

@@ -1,21 +1,23 @@
-"""Train/validation split by episode, stable under additions and stratified by sensor presence.
+"""Train/validation split by episode: an exact count per stratum, stable under a fixed seed.
 
 Splitting by sample would leak: neighbouring samples of one episode share most of their action
-chunk, so validation would score frames the model trained on. An episode goes to validation when
-a hash of (seed, episode_id) falls below `val_ratio`. The rule looks at nothing but that pair, so
-adding episodes never moves an existing one between train and val.
+chunk, so validation would score frames the model trained on. Episodes are grouped by sensor
+presence (when per-episode `has_sensor` flags are given; else one group), and each group of n
+episodes sends exactly k = round(val_ratio x n) to validation -- at least 1 when n >= 2 (so
+validation measures sensor episodes even though they are rare) and at most n - 1 (so training
+sees every kind); a lone episode trains. The k are the group's episodes with the smallest
+`episode_hash(seed, episode_id)`, a value that depends on nothing but that pair.
 
-With per-episode `has_sensor` flags the rule is applied within each group (sensor / no sensor),
-and each group of >= 2 episodes gets at least one val and one train episode, so validation
-measures both kinds even though sensor episodes are rare. Without flags all episodes form one
-group, so a small dataset still gets a non-empty validation set. That guarantee is the one
-exception to stability: an episode moved to val only because its group had none returns to train
-once a new episode of that group hashes into val (and likewise the other way round).
+So the validation set has the same size under every seed (users compare runs on it; drawing each
+episode independently gave 2 or 12 validation episodes of 200 at 0.05, depending on the seed),
+the same seed gives the same split in any order on any machine, and adding an episode to a group
+moves at most one existing episode of it between train and val (its k-th smallest hash).
 """
 from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from typing import Sequence
 
 log = logging.getLogger(__name__)
@@ -28,6 +30,14 @@ def episode_hash(episode_id: str, seed: int = 0) -> float:
     return (int.from_bytes(digest[:8], "big") >> 11) / float(1 << 53)
 
 
+def val_count(n: int, val_ratio: float) -> int:
+    """How many of a group's `n` episodes go to validation: round(val_ratio x n) (halves up), at
+    least 1 when n >= 2 and val_ratio > 0, at most n - 1."""
+    if n < 2 or val_ratio <= 0:
+        return 0
+    return min(n - 1, max(1, math.floor(val_ratio * n + 0.5)))
+
+
 def split_by_episode(
     episode_ids: Sequence[str],
     val_ratio: float,
@@ -36,10 +46,8 @@ def split_by_episode(
 ) -> tuple[list[str], list[str]]:
     """Split episodes into (train, val), each list in the input order.
 
-    An episode is in val when `episode_hash(id, seed) < val_ratio`. The groups are the sensor and
-    no-sensor episodes when `has_sensor` (one flag per episode) is given, else all episodes. With
-    val_ratio > 0, every group of >= 2 episodes gets at least one val episode (its smallest hash)
-    and one train episode (its largest hash).
+    The groups are the sensor and no-sensor episodes when `has_sensor` (one flag per episode) is
+    given, else all episodes; each sends its `val_count` episodes of smallest `episode_hash` to val.
     """
     val_ratio = float(val_ratio)
     # `not (0 <= r < 1)` also rejects NaN.
@@ -60,17 +68,11 @@ def split_by_episode(
         groups = [[i for i, f in enumerate(flags) if f], [i for i, f in enumerate(flags) if not f]]
 
     hashes = [episode_hash(e, seed) for e in ids]
-    is_val = [h < val_ratio for h in hashes]
-    if val_ratio > 0:
-        for group in groups:
-            if len(group) < 2:
-                continue
-            if not any(is_val[i] for i in group):
-                # The episode closest to the threshold: the one a slightly larger ratio would pick.
-                is_val[min(group, key=lambda i: hashes[i])] = True
-            if all(is_val[i] for i in group):
-                is_val[max(group, key=lambda i: hashes[i])] = False
-
+    is_val = [False] * len(ids)
+    for group in groups:
+        # ties (a 2**-53 chance) fall to the episode id, so the order never depends on the input's
+        for i in sorted(group, key=lambda i: (hashes[i], ids[i]))[: val_count(len(group), val_ratio)]:
+            is_val[i] = True
     train = [e for e, v in zip(ids, is_val) if not v]
     val = [e for e, v in zip(ids, is_val) if v]
     log.info("split %d episodes: %d train, %d val (val_ratio %.3f, seed %d)", len(ids), len(train), len(val), val_ratio, seed)
