@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -248,8 +249,13 @@ def load_yaml(path: str | Path) -> dict:
 
     try:
         raw = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise ValueError(f"--config {path}: unreadable ({e})") from None
+    except OSError as e:
+        raise ValueError(f"--config {path}: cannot be read ({e.strerror or e})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        raise ValueError(f"--config {path}: not valid YAML ({where}{getattr(e, 'problem', None) or e}); fix the "
+                         "file") from None
     if not isinstance(raw, dict):
         raise ValueError(f"--config {path}: expected a mapping of settings")
     flat: dict = {}
@@ -259,7 +265,13 @@ def load_yaml(path: str | Path) -> dict:
         else:
             flat[k.replace("-", "_")] = v
     hints = field_types()
-    return {k: _coerce(v, hints[k], f"--config {path}: {k}") if k in hints else v for k, v in flat.items()}
+    unknown = sorted(k for k in flat if k not in hints)
+    if unknown:
+        near = {k: difflib.get_close_matches(k, list(hints), n=1) for k in unknown}
+        named = ", ".join(f"{k} (did you mean {near[k][0]}?)" if near[k] else k for k in unknown)
+        raise ValueError(f"--config {path}: unknown setting(s) {named}; the settings are the flags of "
+                         "`vla-ds train --help`, spelt with _")
+    return {k: _coerce(v, hints[k], f"--config {path}: {k}") for k, v in flat.items()}
 
 
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")

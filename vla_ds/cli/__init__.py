@@ -46,6 +46,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # argparse would blame `vla-ds` and suggest nothing: name the subcommand and the near flag
+        command = parser._subparsers._group_actions[0].choices[args.command]
+        command.error(f"unrecognized arguments: {' '.join(extra)}{near_flag(command, extra)}")
     return run_command(args.command, args, args.run)
+
+
+def near_flag(parser: argparse.ArgumentParser, extra: list[str]) -> str:
+    """' (did you mean --batch-size?)' for the first unknown flag that is a near miss of a real one."""
+    import difflib
+
+    flags = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+    for word in extra:
+        if word.startswith("--"):
+            near = difflib.get_close_matches(word.split("=")[0], flags, n=1, cutoff=0.75)
+            if near:
+                return f" (did you mean {near[0]}?)"
+    return ""
 

@@ -167,7 +167,7 @@ def _write_images(raw: RawEpisode, tmp: Path, opts: IngestOptions, dropped: Coun
                 _write_image(src, tmp / rel if opts.max_side else None, opts.max_side)
             except SourceError as e:
                 if not opts.skip_bad:
-                    raise
+                    raise SourceError(f"{e}; copy it again from the recorder, or pass --skip-bad to drop it") from None
                 log.warning("skipped: %s", e)
                 dropped[f"corrupt_image:{view}"] += 1
                 if view == reference:
