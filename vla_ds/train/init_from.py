@@ -21,10 +21,12 @@ log = logging.getLogger(__name__)
 def weights_file(path: str | Path) -> Path:
     """model.safetensors of a policy dir, of a checkpoint's policy/ or of a run's policy/."""
     p = Path(path)
-    if p.is_file():
-        refuse_pickle(p)  # e.g. the old trainer's qwen_vla_sensor.pt: never unpickled
     for cand in (p, p / "model.safetensors", p / "policy" / "model.safetensors"):
         if cand.is_file():
+            try:  # e.g. the old trainer's qwen_vla_sensor.pt, or one renamed .safetensors: never unpickled
+                refuse_pickle(cand)
+            except UsageError as e:
+                raise UsageError(f"--init-from {e}") from None
             return cand
     raise UsageError(f"--init-from {path}: no model.safetensors there (give a policy or checkpoint directory)")
 
@@ -33,8 +35,14 @@ def load_init_weights(model, path: str | Path) -> dict:
     """Copy matching weights from `path` into `model`; returns {"loaded", "missing", "unexpected"}."""
     from safetensors.torch import load_file
 
+    from safetensors import SafetensorError
+
     src = weights_file(path)
-    tensors = load_file(str(src))
+    try:
+        tensors = load_file(str(src))
+    except (SafetensorError, OSError) as e:
+        raise UsageError(f"--init-from {src}: not a readable safetensors file ({str(e).splitlines()[0][:120]}); give "
+                         "the policy directory a vla-ds run or `vla-ds convert` wrote") from None
     params = dict(model.named_parameters(remove_duplicate=False))
     wanted = set(model.saved_parameter_names())
     mismatched = [f"{n} {tuple(t.shape)} vs {tuple(params[n].shape)}" for n, t in tensors.items()

@@ -84,9 +84,6 @@ class Trainer:
         self.rank, self.world, self.local_rank = init_distributed()
         self.device = device_for(self.local_rank)
         torch.manual_seed(cfg.run.seed)
-        if self.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
         self.stats = load_stats(cfg)
         with self.phase("model_load"):
             self._build_model_and_data()
@@ -102,6 +99,9 @@ class Trainer:
         self.state = TrainState()
         self._saved_step = -1
         self._resume()
+        if self.rank == 0:  # only now: a run refused on the way (its cache, its checkpoint) writes nothing
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
 
     def _resume(self) -> None:
         """Collective. Continue from a checkpoint when --resume finds one."""

@@ -90,8 +90,9 @@ def load_torch_state(path: str | os.PathLike, map_location=None, mmap: bool = Fa
                          "run code; use a checkpoint written by your own runs, or ask its author for the converted "
                          "policy (safetensors)") from None
     except (RuntimeError, EOFError, OSError) as e:  # truncated or not a torch file at all
-        raise UsageError(f"{path}: cannot be read ({str(e).splitlines()[0] if str(e) else type(e).__name__}): the "
-                         "checkpoint is damaged or incomplete; use an earlier one") from None
+        why = str(e).splitlines()[0][:120] if str(e) else type(e).__name__  # torch's own text runs to a paragraph
+        raise UsageError(f"{path}: cannot be read ({why}): the checkpoint is damaged or incomplete; use an earlier "
+                         "one") from None
 
 
 def verify_torch_files(paths: Iterable[str | os.PathLike]) -> None:
