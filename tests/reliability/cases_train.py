@@ -13,6 +13,7 @@ from pathlib import Path
 
 from tests.helpers.runs import SMALL
 from tests.reliability.harness import Case, Env, Scenario
+from tests.train.test_hostile_checkpoints import _plant  # a torch file whose unpickling runs `touch MARKER`
 from vla_ds.errors import UsageError
 
 STEP = "step_000002"
@@ -195,22 +196,6 @@ def ckpt_adapter_and_merge(env: Env) -> Scenario:
 
 
 # ----------------------------------------------------------------------------------------- security
-class _Payload:
-    """Pickles as a call of os.system: what a file from a stranger can hold."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
-def _plant(path: Path, marker: Path) -> None:
-    import torch
-
-    torch.save({"module": {"w": torch.zeros(1)}, "payload": _Payload(marker)}, path)
-
-
 def _never_ran(marker: Path):
     def check():
         assert not marker.exists(), "the payload ran"
@@ -242,7 +227,7 @@ def security_convert_payload(env: Env) -> Scenario:
 def security_init_from_pickle(env: Env) -> Scenario:
     weights, marker = env.tmp / "stage1.pt", env.tmp / "pwned"
     _plant(weights, marker)
-    return Scenario(argv=_train(env, "--init-from", str(weights)), names=[str(weights), PICKLE],
+    return Scenario(argv=_train(env, "--init-from", str(weights)), names=[f"--init-from {weights}", PICKLE],
                     keep=[weights], absent=[env.tmp / "run"], after=_never_ran(marker))
 
 
@@ -251,7 +236,8 @@ def security_disguised_safetensors(env: Env) -> Scenario:
     policy.mkdir()
     (policy / "config.json").write_text("{}")
     _plant(policy / "model.safetensors", marker)  # a torch zip under an innocent name
-    return Scenario(argv=_train(env, "--init-from", str(policy)), names=[str(policy / "model.safetensors"), PICKLE],
+    return Scenario(argv=_train(env, "--init-from", str(policy)),
+                    names=[f"--init-from {policy / 'model.safetensors'}", PICKLE],
                     keep=[policy], absent=[env.tmp / "run"], after=_never_ran(marker))
 
 

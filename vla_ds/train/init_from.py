@@ -33,9 +33,8 @@ def weights_file(path: str | Path) -> Path:
 
 def load_init_weights(model, path: str | Path) -> dict:
     """Copy matching weights from `path` into `model`; returns {"loaded", "missing", "unexpected"}."""
-    from safetensors.torch import load_file
-
     from safetensors import SafetensorError
+    from safetensors.torch import load_file
 
     src = weights_file(path)
     try:
