@@ -173,7 +173,7 @@ def convert_and_predict(run_dir: Path, out: Path, dataset: Path) -> dict:
     import numpy as np
 
     from vla_ds.convert import convert_checkpoint
-    from vla_ds.data.dataset import IntegratedDataset
+    from vla_ds.data.dataset import IntegratedDataset, dense_sensor
     from vla_ds.model.policy import QwenVLA
 
     log.info("[8/%d] vla-ds convert %s %s", STAGES, run_dir / "checkpoints" / "final", out)
@@ -185,11 +185,9 @@ def convert_and_predict(run_dir: Path, out: Path, dataset: Path) -> dict:
     ds = IntegratedDataset(dataset, views=["View1", "View5"])
     idx = [int(np.nonzero(ds.sample_has_sensor)[0][0]), int(np.nonzero(~ds.sample_has_sensor)[0][0])]
     items = [ds[i] for i in idx]
-    import torch
-
-    sensor = torch.stack([it["sensor"] for it in items])
+    sensor, mask = dense_sensor(items, ds.sensor_length, ds.sensor_channels)
     actions = policy.predict([it["instruction"] for it in items], [it["images"] for it in items], sensor,
-                             sensor_mask=torch.stack([it["sensor_mask"] for it in items]))
+                             sensor_mask=mask)
     for it, pred in zip(items, actions):
         log.info("      %s (sensor: %s)\n        predicted step 1: %s\n        recorded  step 1: %s", it["sample_id"],
                  it["has_sensor"], np.array2string(pred[0].numpy(), precision=3, suppress_small=True),

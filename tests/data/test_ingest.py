@@ -76,8 +76,7 @@ def test_layout_b_end_to_end_exact(exact_session_b, tmp_path):
     expected[:4, :6] = [0.5, 0.0, -0.25, 0.1, -0.05, 0.0]  # 0.5 s frame spacing
     expected[:4, 6] = [0.25, 0.5, 0.75, 1.0]
     np.testing.assert_allclose(item["actions"].numpy(), expected, atol=1e-4)
-    assert not item["has_sensor"] and item["sensor"].abs().sum() == 0 and item["sensor_mask"].sum() == 0
-    assert item["sensor"].shape == (650, 1026)
+    assert not item["has_sensor"] and "sensor" not in item and "sensor_mask" not in item  # nothing to ship
 
 
 def test_layout_b_with_sensor_interval_and_half_second_frames(tmp_path):
@@ -127,7 +126,12 @@ def test_mixed_dataset_batches_and_workers(exact_session_a, exact_session_b, tmp
     assert len(ds.episodes) == 2 and ds.view_names == ["View1", "View5"]
     assert sorted(ds.episode_has_sensor) == [False, True]
     batch = collate([ds[i] for i in range(len(ds))])
-    assert batch["actions"].shape == (8, 8, 7) and batch["sensor"].shape == (8, 650, 1026)
+    # the sensor is sparse: the windows of the 4 sensed samples, and where they sit in the batch
+    assert batch["actions"].shape == (8, 8, 7) and batch["sensor"].shape == (4, 650, 1026)
+    assert batch["sensor_rows"].tolist() == batch["has_sensor"].nonzero().flatten().tolist()
+    assert batch["sensor"].dtype == torch.float32 and batch["sensor_mask"].shape == (4, 650)
+    assert collate([ds[i] for i in range(len(ds)) if not ds.sample_has_sensor[i]]).keys().isdisjoint(
+        {"sensor", "sensor_mask", "sensor_rows"}), "a batch without a sensed sample carries no sensor"
     assert batch["has_sensor"].sum() == 4 and len(batch["images"]) == 8 and len(batch["images"][0]) == 2
     assert len(set(batch["sample_ids"])) == 8
     loader = torch.utils.data.DataLoader(ds, batch_size=3, num_workers=2, collate_fn=collate)

@@ -36,7 +36,7 @@ def batch_of(b: int, has_sensor=None, seed: int = 0, views=2, t: int = SENSOR_T,
 
 def sample_batch(data: str | Path, n: int = 4):
     """(instructions, images, sensor, sensor_mask) of n samples of `data`, with and without sensor."""
-    from vla_ds.data.dataset import IntegratedDataset
+    from vla_ds.data.dataset import IntegratedDataset, dense_sensor
 
     ds = IntegratedDataset(data)
     with_sensor = [i for i in range(len(ds)) if ds.sample_has_sensor[i]]
@@ -44,4 +44,4 @@ def sample_batch(data: str | Path, n: int = 4):
     idx = with_sensor[: n // 2] + without[: n - n // 2]
     items = [ds[i] for i in idx]
     return ([it["instruction"] for it in items], [it["images"] for it in items],
-            torch.stack([it["sensor"] for it in items]), torch.stack([it["sensor_mask"] for it in items]))
+            *dense_sensor(items, ds.sensor_length, ds.sensor_channels))

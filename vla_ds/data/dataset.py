@@ -10,10 +10,12 @@ A sample is frame `t` of an episode (every frame that has a next frame). It retu
                 episode; the robot can read it as "how close to done"). Steps past the episode end
                 are zero and masked.
   action_mask   (H,) bool, False for padded steps
-  sensor        (T, C) float32: the sensor rows between the previous frame and this one, newest
-                last; windows longer than T keep the most recent T rows; shorter ones are padded
-                with zeros after the valid rows. All zeros for samples without sensor.
-  sensor_mask   (T,) bool, True for valid rows
+  sensor        (T, C) float16 (float32 if an episode had to be stored so): the sensor rows between
+                the previous frame and this one, newest last; windows longer than T keep the most
+                recent T rows; shorter ones are padded with zeros after the valid rows. Only for
+                samples that have a sensor reading: 94.5 % of our users' samples have none, and
+                a dense zero window for each was 91 % of a batch's bytes.
+  sensor_mask   (T,) bool, True for valid rows (beside `sensor`)
   has_sensor    bool
   sample_id     "<episode_id>:<frame index, 6 digits>" (stable: the VL cache keys on it)
   episode_id    str
@@ -107,6 +109,9 @@ class IntegratedDataset(Dataset):
         if len(channels) > 1:
             raise UsageError(f"--data: episodes disagree on sensor channels {sorted(channels)}; ingest them alike")
         self.sensor_channels = sensor_channels or (channels.pop() if channels else SENSOR_CHANNELS)
+        # the dtype windows travel in: the episodes' storage dtype (float16 unless one exceeded its range)
+        stored = {ep.meta.sensor.get("dtype", "float16") for ep in episodes if ep.meta.has_sensor}
+        self.sensor_dtype = np.float32 if "float32" in stored else np.float16
         self._build_index()
         self._mmaps: dict[int, np.ndarray] = {}
 
@@ -174,19 +179,23 @@ class IntegratedDataset(Dataset):
         mask[: len(chunk)] = True
         return out, mask
 
-    def sensor_window(self, i: int) -> tuple[np.ndarray, np.ndarray, bool]:
-        e, t = int(self._ep[i]), int(self._frame[i])
-        out = np.zeros((self.sensor_length, self.sensor_channels), np.float32)
-        mask = np.zeros(self.sensor_length, bool)
+    def sensor_window(self, i: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """(window (T, C) in `sensor_dtype`, valid-row mask (T,)) of sample i, or None without a sensor.
+        The memmap rows are copied straight into the window (no float32 buffer, no conversion when
+        the episode is stored in the wire dtype); only the padded tail is zeroed."""
         if not self.sample_has_sensor[i]:
-            return out, mask, False
+            return None
+        e, t = int(self._ep[i]), int(self._frame[i])
         fr = self.episodes[e].frames
         start, end = int(fr.sensor_start[t]), int(fr.sensor_end[t])
         start = max(start, end - self.sensor_length)  # keep the most recent rows
-        rows = self._sensor_rows(e)[start:end]
-        out[: len(rows)] = rows
-        mask[: len(rows)] = True
-        return out, mask, True
+        n = end - start
+        out = np.empty((self.sensor_length, self.sensor_channels), self.sensor_dtype)
+        out[:n] = self._sensor_rows(e)[start:end]
+        out[n:] = 0
+        mask = np.zeros(self.sensor_length, bool)
+        mask[:n] = True
+        return out, mask
 
     def images(self, i: int) -> list:
         from PIL import Image
@@ -212,9 +221,9 @@ class IntegratedDataset(Dataset):
             "sample_id": self.sample_id(i),
             "episode_id": ep.meta.episode_id,
         }
-        if self.load_sensor:
-            sensor, sensor_mask, _ = self.sensor_window(i)
-            item["sensor"], item["sensor_mask"] = torch.from_numpy(sensor), torch.from_numpy(sensor_mask)
+        window = self.sensor_window(i) if self.load_sensor else None
+        if window is not None:
+            item["sensor"], item["sensor_mask"] = torch.from_numpy(window[0]), torch.from_numpy(window[1])
         if self.load_images:
             item["images"] = self.images(i)
         return item
@@ -223,14 +232,21 @@ class IntegratedDataset(Dataset):
 def collate(samples: list[dict]) -> dict:
     """Batch samples of any mix of sensor / no-sensor; any batch size.
 
+    The sensor is sparse: `sensor` (n, T, C) and `sensor_mask` (n, T) hold the windows of the n
+    samples that have one, in batch order, and `sensor_rows` (n,) their positions in the batch; a
+    batch where no sample has one carries no sensor keys at all. `has_sensor` (B,) stays per sample.
     Tensors go through `default_collate`, which in a DataLoader worker stacks straight into shared
-    memory: the (B, 650, 1026) sensor batch then crosses to the main process without extra copies
-    (a plain torch.stack made the 2-worker loader ~5x slower).
+    memory, so the windows cross to the main process without extra copies (a plain torch.stack made
+    the 2-worker loader ~5x slower).
     """
     from torch.utils.data import default_collate
 
-    keys = [k for k in ("actions", "action_mask", "sensor", "sensor_mask") if k in samples[0]]
-    batch = {k: default_collate([s[k] for s in samples]) for k in keys}
+    batch = {k: default_collate([s[k] for s in samples]) for k in ("actions", "action_mask") if k in samples[0]}
+    sensed = [i for i, s in enumerate(samples) if "sensor" in s]
+    if sensed:
+        batch["sensor"] = default_collate([samples[i]["sensor"] for i in sensed])
+        batch["sensor_mask"] = default_collate([samples[i]["sensor_mask"] for i in sensed])
+        batch["sensor_rows"] = torch.tensor(sensed, dtype=torch.int64)
     batch.update({
         "instructions": [s["instruction"] for s in samples],
         "has_sensor": torch.tensor([bool(s["has_sensor"]) for s in samples]),
@@ -243,3 +259,40 @@ def collate(samples: list[dict]) -> dict:
         if key in samples[0]:
             batch[key] = default_collate([s[key] for s in samples])
     return batch
+
+
+def packed_sensor(batch: dict, batch_size: int, length: int, channels: int):
+    """(windows (n, T, C), valid rows (n, T), batch positions (n,)) of the batch's sensed samples.
+
+    The collate format passes as it is; a dense `sensor` (B, T, C) (e.g. `predict`'s, or a hand-made
+    batch) keeps the samples that `has_sensor` (else a valid row) marks; no `sensor` key: n = 0."""
+    if "sensor" not in batch:
+        return torch.zeros(0, length, channels), torch.zeros(0, length, dtype=torch.bool), torch.zeros(0, dtype=torch.int64)
+    sensor = batch["sensor"]
+    valid = batch.get("sensor_mask")
+    valid = torch.ones(sensor.shape[:2], dtype=torch.bool) if valid is None else valid.bool()
+    if "sensor_rows" in batch:
+        rows = batch["sensor_rows"].to(torch.int64)
+        if len(rows) != len(sensor) or (len(rows) and (rows.min() < 0 or rows.max() >= batch_size)):
+            raise ValueError(f"batch sensor_rows {rows.tolist()} do not index {len(sensor)} windows of a batch of "
+                             f"{batch_size}")
+        return sensor, valid, rows
+    if sensor.shape[0] != batch_size:
+        raise ValueError(f"batch sensor has {sensor.shape[0]} samples, the batch has {batch_size}")
+    has = batch.get("has_sensor")
+    has = valid.cpu().any(dim=1) if has is None else has.cpu().bool()
+    rows = has.nonzero().flatten()
+    if bool(has.all()):
+        return sensor, valid, rows
+    return sensor[rows.to(sensor.device)], valid[rows.to(valid.device)], rows
+
+
+def dense_sensor(items: list[dict], length: int, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The items' windows as one float32 (B, T, C) tensor and (B, T) mask, zeros and False for an item
+    without one: the dense form `QwenVLA.predict` takes."""
+    sensor = torch.zeros(len(items), length, channels)
+    mask = torch.zeros(len(items), length, dtype=torch.bool)
+    for i, item in enumerate(items):
+        if "sensor" in item:
+            sensor[i], mask[i] = item["sensor"].float(), item["sensor_mask"]
+    return sensor, mask

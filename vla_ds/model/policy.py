@@ -21,6 +21,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from vla_ds.data.dataset import packed_sensor
 from vla_ds.data.stats import NormStats
 from vla_ds.errors import UsageError
 from vla_ds.model.action_head import ActionExpert, masked_action_loss
@@ -154,24 +155,16 @@ class QwenVLA(nn.Module):
         return self.vl(batch["images"], batch["instructions"])
 
     def encode_sensor(self, batch: dict, batch_size: int) -> SensorFeatures:
-        """Sensor features; runs the encoder even when no sample has a sensor (ZeRO-3: every rank
-        runs every submodule every step), feeding zeros marked as absent."""
-        enc = self.sensor_encoder
-        device = self.device
-        if "sensor" in batch:
-            sensor = batch["sensor"].to(device)
-            valid = batch.get("sensor_mask")
-            valid = torch.ones(sensor.shape[:2], dtype=torch.bool, device=device) if valid is None else valid.to(device)
-            has = batch.get("has_sensor")
-            has = valid.any(dim=1) if has is None else has.to(device)
-        else:
-            sensor = torch.zeros(batch_size, enc.temporal_length, enc.input_channels, device=device)
-            valid = torch.zeros(batch_size, enc.temporal_length, dtype=torch.bool, device=device)
-            has = torch.zeros(batch_size, dtype=torch.bool, device=device)
-        if sensor.shape[0] != batch_size:
-            raise ValueError(f"batch sensor has {sensor.shape[0]} samples, the batch has {batch_size}")
-        x = self.normalizer.normalize_sensor(sensor, valid).to(self.head_dtype)
-        return enc(x, valid, has)
+        """Sensor features of the batch: the encoder runs on the windows of the sensed samples only
+        (`packed_sensor`: the collate format, or a dense window packed), which cross to the device
+        as they came (float16) and are normalized there; the others get the missing-sensor embedding.
+        A batch without one still runs the encoder, on a dummy row (ZeRO-3: every rank runs every
+        submodule every step)."""
+        enc, device = self.sensor_encoder, self.device
+        sensor, valid, rows = packed_sensor(batch, batch_size, enc.temporal_length, enc.input_channels)
+        valid = valid.to(device, non_blocking=True)
+        x = self.normalizer.normalize_sensor(sensor.to(device, non_blocking=True), valid).to(self.head_dtype)
+        return enc(x, valid, rows=rows.to(device), batch_size=batch_size)
 
     def forward(self, batch: dict) -> PolicyOutput:
         """Predict normalized action chunks; with `actions` in the batch also the per-sample loss.

@@ -10,9 +10,12 @@ Normalization is per time step over channels (LayerNorm), never across the batch
 training samples carry no sensor, and a BatchNorm would learn their zeros.
 
 Samples without a sensor (has_sensor False, or no valid row) must not look like "a reading of all
-zeros": their tokens and pooled vector are replaced by a learned missing-sensor embedding. The
-encoder still runs on them -- and on batches with no sensor sample at all -- because under ZeRO-3
-every rank must run every submodule every step.
+zeros": they get a learned missing-sensor embedding, and the encoder never runs on them -- 94.5 %
+of our users' samples have no sensor, and encoding their zero windows was 77 % of a cache-mode
+step. It runs on the packed windows of the sensed samples only (`rows`). A batch with none still
+runs it, on one dummy window of 2^blocks zero rows (one token) whose output enters the result times
+zero: under ZeRO-3 every rank must run every submodule every step, and that is the cheapest input
+that does.
 """
 from __future__ import annotations
 
@@ -118,30 +121,53 @@ class SensorEncoder(nn.Module):
             x = block(x) * valid
         return x
 
-    def forward(self, sensor: torch.Tensor, valid: torch.Tensor, has_sensor: torch.Tensor) -> SensorFeatures:
-        """`sensor` (B, T, C) normalized with invalid rows zeroed, `valid` (B, T), `has_sensor` (B,)."""
-        b, t, c = sensor.shape
+    def forward(self, sensor: torch.Tensor, valid: torch.Tensor, has_sensor: torch.Tensor | None = None, *,
+                rows: torch.Tensor | None = None, batch_size: int | None = None) -> SensorFeatures:
+        """Features of a batch of B samples, normalized windows with invalid rows zeroed.
+
+        Packed (the training batches): `sensor` (n, T, C) and `valid` (n, T) are the windows of the
+        batch positions `rows` (n,) of a batch of `batch_size`; n may be 0. Dense: `sensor` (B, T, C),
+        `valid` (B, T) and `has_sensor` (B,); only the rows with has_sensor are encoded."""
+        if rows is None:
+            rows = has_sensor.bool().nonzero().flatten()
+            batch_size, sensor, valid = sensor.shape[0], sensor[rows], valid[rows]
+        n, t, c = sensor.shape
         if (t, c) != (self.temporal_length, self.input_channels):
             raise ValueError(
                 f"sensor window is (B, {t}, {c}); the model expects (B, {self.temporal_length}, {self.input_channels}) "
                 "(--sensor-temporal-length, --sensor-input-channels)"
             )
-        x = sensor.transpose(1, 2)  # (B, C, T)
+        if n == 0:  # every submodule still runs (ZeRO-3), on the smallest window: 2^blocks rows -> 1 token
+            sensor = sensor.new_zeros(1, 2 ** self.conv_blocks, c)
+            valid = torch.ones(1, sensor.shape[1], dtype=torch.bool, device=sensor.device)
+        tokens, token_mask = self._encode(sensor, valid)
+        missing = self.missing_embedding.to(tokens.dtype)
+        full_tokens = missing.expand(batch_size, self.num_steps, -1)
+        full_pooled = missing.expand(batch_size, -1)
+        full_mask = torch.ones(batch_size, self.num_steps, dtype=torch.bool, device=tokens.device)
+        present = torch.zeros(batch_size, dtype=torch.bool, device=tokens.device)
+        if n == 0:
+            zero = tokens.sum() * 0.0
+            return SensorFeatures(full_tokens + zero, full_mask, full_pooled + zero, present)
+        pooled = masked_mean(tokens, token_mask)
+        here = token_mask.any(dim=1)  # a window without one valid row is no reading either
+        keep = here.view(n, 1, 1)
+        tokens = torch.where(keep, tokens, missing.expand_as(tokens))
+        pooled = torch.where(keep.view(n, 1), pooled, missing.expand_as(pooled))
+        token_mask = token_mask | ~keep.view(n, 1)  # the missing embedding is a valid token
+        return SensorFeatures(full_tokens.index_copy(0, rows, tokens), full_mask.index_copy(0, rows, token_mask),
+                              full_pooled.index_copy(0, rows, pooled), present.index_copy(0, rows, here))
+
+    def _encode(self, sensor: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens (n, T', S), token mask (n, T')) of n windows."""
+        x = sensor.transpose(1, 2)  # (n, C, T)
         masks = self._block_masks(valid.to(x.dtype).unsqueeze(1))
         force = self._stem(self.force_stem, x[:, :1], masks)
         ascan = self._stem(self.ascan_stem, x[:, 1:], masks)
-        h = (force + ascan).transpose(1, 2) + self.pos_embedding  # (B, T', hidden)
-        token_mask = masks[-1].squeeze(1) > 0  # (B, T')
-        present = has_sensor.bool() & token_mask.any(dim=1)
-        # A row with every key masked gives NaN attention (and NaN gradients even where the
-        # output is replaced below): let absent samples attend to their zeros instead.
-        key_padding = ~token_mask & present.unsqueeze(1)
-        h = self.transformer(h, src_key_padding_mask=key_padding)
-        tokens = self.out(h)
-        pooled = masked_mean(tokens, token_mask)
-        missing = self.missing_embedding.to(tokens.dtype)
-        keep = present.view(b, 1, 1)
-        tokens = torch.where(keep, tokens, missing.expand_as(tokens))
-        pooled = torch.where(keep.view(b, 1), pooled, missing.expand_as(pooled))
-        token_mask = token_mask | ~present.unsqueeze(1)  # the missing embedding is a valid token
-        return SensorFeatures(tokens, token_mask, pooled, present)
+        steps = force.shape[2]
+        h = (force + ascan).transpose(1, 2) + self.pos_embedding[:steps]  # (n, T', hidden)
+        token_mask = masks[-1].squeeze(1) > 0  # (n, T')
+        # A row with every key masked gives NaN attention (and NaN gradients even where the output
+        # is replaced by the missing embedding): let a window without a valid row attend to its zeros.
+        key_padding = ~token_mask & token_mask.any(dim=1, keepdim=True)
+        return self.out(self.transformer(h, src_key_padding_mask=key_padding)), token_mask
