@@ -45,3 +45,24 @@ def test_policy_trains_under_zero3(case, tiny_model_dir, in_process_group, caplo
     assert "unknown inputs or outputs type" not in caplog.text + capfd.readouterr().out
     assert all(x == x for x in losses), f"{case}: NaN loss"
     assert losses[-1] < 0.5 * losses[0], f"{case}: loss did not fall under ZeRO-3: {losses}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sensed", [(2, 0), (0, 0)], ids=["sensor-vs-none", "none-vs-none"])
+def test_ranks_with_and_without_sensor_samples_train_together(sensed, tiny_model_dir, tmp_path):
+    """Two ZeRO-3 processes, rank 0 with `sensed[0]` sensed samples per micro-batch and rank 1 with
+    none (no sensor in its batch at all): no hang, finite losses, and the encoder learns from rank 0's
+    samples (with none anywhere it only runs its dummy row, and its weights stay where they were)."""
+    import json
+
+    from tests.helpers.runs import REPO, run_module
+
+    out = tmp_path / "result.json"
+    proc = run_module("tests.helpers.zero3_mixed", [str(tiny_model_dir), str(out), *map(str, sensed)], nproc=2,
+                      timeout=300, env={"PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    ranks = [json.loads(out.with_name(f"{out.name}.rank{r}").read_text()) for r in (0, 1)]
+    assert all(v == v for r in ranks for v in r["losses"]), ranks
+    assert ranks[0]["after"] == ranks[1]["after"], "one model on both ranks"
+    moved = abs(ranks[0]["after"] - ranks[0]["before"])
+    assert (moved > 1e-6) == (sensed[0] > 0), (sensed, moved)
