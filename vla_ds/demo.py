@@ -150,7 +150,8 @@ def cache_stage(backbone, dataset, cache_dir, views: list[str]) -> dict:
     open it the way training does (--cache-policy require), batch from it, verify 8 samples."""
     from vla_ds.cache import CachedDataset, build_cache, open_cache_for_training, verify_cache
     from vla_ds.config import TrainConfig
-    from vla_ds.data.dataset import IntegratedDataset, collate
+    from vla_ds.data.batch import collate
+    from vla_ds.data.dataset import IntegratedDataset
 
     cfg = TrainConfig.from_flat({"backbone": str(backbone), "finetune_vl": "none", "data": [str(dataset)],
                                  "views": list(views), "batch_size": 8, "num_workers": 0,
@@ -173,7 +174,8 @@ def convert_and_predict(run_dir: Path, out: Path, dataset: Path) -> dict:
     import numpy as np
 
     from vla_ds.convert import convert_checkpoint
-    from vla_ds.data.dataset import IntegratedDataset, dense_sensor
+    from vla_ds.data.batch import dense_sensor
+    from vla_ds.data.dataset import IntegratedDataset
     from vla_ds.model.policy import QwenVLA
 
     log.info("[8/%d] vla-ds convert %s %s", STAGES, run_dir / "checkpoints" / "final", out)

@@ -25,7 +25,8 @@ from tests.benchmarks.report import machine, update_section
 from vla_ds.cache import CachedDataset, CacheReader, build_cache
 from vla_ds.config import TrainConfig
 from vla_ds.data import synthetic
-from vla_ds.data.dataset import IntegratedDataset, collate
+from vla_ds.data.batch import collate
+from vla_ds.data.dataset import IntegratedDataset
 from vla_ds.data.ingest import IngestOptions, preprocess
 from vla_ds.model.config import ModelConfig
 from vla_ds.model.policy import QwenVLA

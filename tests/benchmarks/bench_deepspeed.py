@@ -35,7 +35,8 @@ def main(argv=None) -> None:
 
     from vla_ds.config import TrainConfig
     from vla_ds.data import synthetic
-    from vla_ds.data.dataset import IntegratedDataset, collate
+    from vla_ds.data.batch import collate
+    from vla_ds.data.dataset import IntegratedDataset
     from vla_ds.data.ingest import IngestOptions, preprocess
     from vla_ds.data.stats import compute_stats
     from vla_ds.model.policy import QwenVLA

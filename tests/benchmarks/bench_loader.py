@@ -19,7 +19,8 @@ from torch.utils.data import Dataset, default_collate
 
 from tests.benchmarks.report import machine, update_section
 from vla_ds.data import synthetic
-from vla_ds.data.dataset import IntegratedDataset, collate
+from vla_ds.data.batch import collate
+from vla_ds.data.dataset import IntegratedDataset
 from vla_ds.data.ingest import IngestOptions, preprocess
 
 

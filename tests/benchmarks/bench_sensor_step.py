@@ -20,7 +20,7 @@ import torch
 
 from tests.benchmarks.report import machine, update_section
 from tests.model.test_sensor import _dense_reference
-from vla_ds.data.dataset import packed_sensor
+from vla_ds.data.batch import packed_sensor
 from vla_ds.model.config import ModelConfig
 from vla_ds.model.policy import QwenVLA
 from vla_ds.model.tiny import write_tiny_model

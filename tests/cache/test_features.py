@@ -7,7 +7,8 @@ import torch
 
 from tests.helpers.cache import TOKENS
 from vla_ds.cache import CachedDataset, CacheReader, encode_for_cache, open_cache_for_training, verify_cache
-from vla_ds.data.dataset import IntegratedDataset, collate
+from vla_ds.data.batch import collate
+from vla_ds.data.dataset import IntegratedDataset
 from vla_ds.model.backbone import VLEncoder, VLFeatures
 from vla_ds.model.config import ModelConfig
 from vla_ds.model.policy import QwenVLA

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from vla_ds.data.dataset import IntegratedDataset, collate
+from vla_ds.data.batch import collate
+from vla_ds.data.dataset import IntegratedDataset
 from vla_ds.data.format import EpisodeMeta, FrameTable, wrap_degrees
 from vla_ds.data.ingest import IngestOptions, preprocess
 
@@ -53,7 +54,8 @@ def test_layout_a_end_to_end_exact(exact_session_a, tmp_path):
     force = w["sensor"][:, 0].numpy()
     np.testing.assert_array_equal(force, np.arange(650, 1300, dtype=np.float32))
     np.testing.assert_array_equal(w["sensor"][:, 1:].numpy(), np.repeat((np.arange(650, 1300) % 1000)[:, None], 1025, 1))
-    assert [im.size for im in item["images"]] == [(64, 48), (64, 48)]
+    assert [tuple(im.shape) for im in item["images"]] == [(48, 64, 3), (48, 64, 3)]  # (H, W, RGB) uint8
+    assert item["images"][0].dtype == torch.uint8
     assert item["sample_id"] == f"{meta.episode_id}:000000"
 
     # choosing the right camera leaves out the frames that lack it

@@ -36,7 +36,8 @@ def batch_of(b: int, has_sensor=None, seed: int = 0, views=2, t: int = SENSOR_T,
 
 def sample_batch(data: str | Path, n: int = 4):
     """(instructions, images, sensor, sensor_mask) of n samples of `data`, with and without sensor."""
-    from vla_ds.data.dataset import IntegratedDataset, dense_sensor
+    from vla_ds.data.batch import dense_sensor
+    from vla_ds.data.dataset import IntegratedDataset
 
     ds = IntegratedDataset(data)
     with_sensor = [i for i in range(len(ds)) if ds.sample_has_sensor[i]]

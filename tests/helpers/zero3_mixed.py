@@ -17,7 +17,7 @@ def main(backbone: str, out: str, sensed: list[int]) -> None:
 
     from tests.helpers.batches import batch_of
     from tests.model.test_zero3 import SMALL
-    from vla_ds.data.dataset import packed_sensor
+    from vla_ds.data.batch import packed_sensor
     from vla_ds.model.config import ModelConfig
     from vla_ds.model.policy import QwenVLA
     from vla_ds.utils.dist import init_distributed

@@ -82,3 +82,22 @@ def test_an_old_directory_naming_vla_ds_class_is_rewritten_stock(tiny_model_dir,
     save_processor(load_processor(old), tmp_path / "new")
     shutil.copy2(old / "config.json", tmp_path / "new" / "config.json")
     assert_stock_processor_files(tmp_path / "new")
+
+
+def test_a_decoded_uint8_image_gives_the_processor_inputs_of_its_pil_image(tiny_model_dir):
+    # the data loader hands decoded (H, W, 3) uint8 tensors (they cross from workers by shared memory)
+    import numpy as np
+    import torch
+
+    from vla_ds.data.synthetic import synthetic_view
+    from vla_ds.model.backbone import load_image
+    from vla_ds.model.processor import load_processor
+
+    processor = load_processor(tiny_model_dir)
+    pil = synthetic_view(3).convert("RGB")
+    tensor = torch.from_numpy(np.array(pil))
+    a = processor.image_processor(images=[pil], return_tensors="pt")["pixel_values"]
+    b = processor.image_processor(images=[load_image(tensor)], return_tensors="pt")["pixel_values"]
+    assert torch.equal(a, b)
+    with pytest.raises(TypeError, match=r"\(H, W, 3\) uint8 RGB"):
+        load_image(tensor.float())

@@ -157,7 +157,7 @@ def _dense_reference(enc, x, valid, has):
 @pytest.mark.parametrize("fusion", ["concat", "cross_attention", "gated"])
 @pytest.mark.parametrize("b, sensed", [(1, 0), (1, 1), (8, 0), (8, 3), (8, 8)])
 def test_sparse_batches_give_the_dense_paths_losses(small_config, make_batch, monkeypatch, fusion, b, sensed):
-    from vla_ds.data.dataset import packed_sensor
+    from vla_ds.data.batch import packed_sensor
     from vla_ds.model.policy import QwenVLA
 
     policy = QwenVLA(small_config(fusion_strategy=fusion), device="cpu").eval()

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from vla_ds.data.dataset import IntegratedDataset, collate
+from vla_ds.data.batch import collate
+from vla_ds.data.dataset import IntegratedDataset
 from vla_ds.data.stats import NormStats
 from vla_ds.model.config import ModelConfig
 from vla_ds.model.policy import QwenVLA

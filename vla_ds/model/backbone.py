@@ -16,6 +16,7 @@ import os
 import re
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -172,9 +173,15 @@ def chat_message(num_images: int, instruction: str) -> list[dict]:
 
 
 def load_image(image):
-    """A PIL image as RGB; a path is opened (the robot passes file paths, the data loader PIL)."""
+    """A PIL image as RGB: a path is opened (the robot passes file paths), an (H, W, 3) uint8 array or
+    tensor (the data loader's) wrapped, a PIL image converted if it is not RGB."""
     from PIL import Image
 
+    if isinstance(image, (torch.Tensor, np.ndarray)):
+        array = image.numpy() if isinstance(image, torch.Tensor) else image
+        if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+            raise TypeError(f"an image array must be (H, W, 3) uint8 RGB, got {array.dtype} {array.shape}")
+        return Image.fromarray(array)
     if isinstance(image, (str, os.PathLike)):
         if not Path(image).is_file():
             raise FileNotFoundError(f"image {image} does not exist")
@@ -182,7 +189,7 @@ def load_image(image):
             return im.convert("RGB")
     if isinstance(image, Image.Image):
         return image if image.mode == "RGB" else image.convert("RGB")
-    raise TypeError(f"images must be PIL images or file paths, got {type(image).__name__}")
+    raise TypeError(f"images must be PIL images, (H, W, 3) uint8 arrays or file paths, got {type(image).__name__}")
 
 
 class VLEncoder(nn.Module):

@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from vla_ds.data.dataset import packed_sensor
+from vla_ds.data.batch import packed_sensor
 from vla_ds.data.stats import NormStats
 from vla_ds.errors import UsageError
 from vla_ds.model.action_head import ActionExpert, masked_action_loss

@@ -150,7 +150,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ set-up
     def _build_model_and_data(self) -> None:
-        from vla_ds.data.dataset import collate
+        from vla_ds.data.batch import collate
         from vla_ds.data.sampler import BalancedDistributedSampler
         from vla_ds.model.policy import QwenVLA
         from vla_ds.train.datasets import build_datasets, open_cache

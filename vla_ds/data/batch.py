@@ -1,0 +1,101 @@
+"""The batch format: `collate` (what the DataLoader hands the trainer) and the two sensor forms.
+
+A batch is a dict: `actions` (B, H, 7), `action_mask` (B, H), `has_sensor` (B,), `instructions`,
+`sample_ids`, `episode_ids`, and `images` (live mode) or `vl_pooled` / `vl_tokens` (cache mode).
+The sensor is sparse: `sensor` (n, T, C) and `sensor_mask` (n, T) hold the windows of the n
+samples that have one, in batch order, and `sensor_rows` (n,) their positions in the batch; a batch
+where no sample has one carries no sensor keys at all (94.5 % of our users' samples have none).
+`packed_sensor` reads either that or a dense (B, T, C) window; `dense_sensor` makes the dense form
+`QwenVLA.predict` takes.
+
+Crossing from a DataLoader worker, every tensor is moved through its own shared-memory segment
+(a file descriptor sent over a socket): for the small per-sample tensors that costs more than the
+data, and it halved the 2-worker loader's rate. A `Batch` pickles tensors under 64 KB by value and
+the large ones (the sensor windows, cached VL tokens) through shared memory as before; it
+unpickles to the same dict of tensors.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+SMALL_BYTES = 64 << 10
+
+
+class Batch(dict):
+    """A collated batch; a plain dict of tensors and lists, but cheaper to send between processes."""
+
+    def __reduce__(self):
+        by_value = {k: v.numpy() for k, v in self.items()
+                    if isinstance(v, torch.Tensor) and v.numel() * v.element_size() < SMALL_BYTES}
+        return _rebuild, ({**self, **by_value}, sorted(by_value))
+
+
+def _rebuild(items: dict, by_value: list[str]) -> Batch:
+    return Batch({**items, **{k: torch.from_numpy(np.asarray(items[k])) for k in by_value}})
+
+
+def collate(samples: list[dict]) -> Batch:
+    """Batch samples of any mix of sensor / no-sensor; any batch size (the module docstring).
+
+    The windows go through `default_collate`, which in a DataLoader worker stacks straight into
+    shared memory, so they cross to the main process without extra copies (a plain torch.stack
+    made the 2-worker loader ~5x slower); the small tensors are stacked in ordinary memory and
+    sent by value (`Batch`)."""
+    from torch.utils.data import default_collate
+
+    batch = Batch({k: torch.stack([s[k] for s in samples]) for k in ("actions", "action_mask") if k in samples[0]})
+    sensed = [i for i, s in enumerate(samples) if "sensor" in s]
+    if sensed:
+        batch["sensor"] = default_collate([samples[i]["sensor"] for i in sensed])
+        batch["sensor_mask"] = torch.stack([samples[i]["sensor_mask"] for i in sensed])
+        batch["sensor_rows"] = torch.tensor(sensed, dtype=torch.int64)
+    batch.update({
+        "instructions": [s["instruction"] for s in samples],
+        "has_sensor": torch.tensor([bool(s["has_sensor"]) for s in samples]),
+        "sample_ids": [s["sample_id"] for s in samples],
+        "episode_ids": [s["episode_id"] for s in samples],
+    })
+    if "images" in samples[0]:
+        batch["images"] = [s["images"] for s in samples]
+    for key in ("vl_pooled", "vl_tokens", "vl_tokens_mask"):  # VL cache features (cache mode)
+        if key in samples[0]:
+            batch[key] = default_collate([s[key] for s in samples])
+    return batch
+
+
+def packed_sensor(batch: dict, batch_size: int, length: int, channels: int):
+    """(windows (n, T, C), valid rows (n, T), batch positions (n,)) of the batch's sensed samples.
+
+    The collate format passes as it is; a dense `sensor` (B, T, C) (e.g. `predict`'s, or a hand-made
+    batch) keeps the samples that `has_sensor` (else a valid row) marks; no `sensor` key: n = 0."""
+    if "sensor" not in batch:
+        return torch.zeros(0, length, channels), torch.zeros(0, length, dtype=torch.bool), torch.zeros(0, dtype=torch.int64)
+    sensor = batch["sensor"]
+    valid = batch.get("sensor_mask")
+    valid = torch.ones(sensor.shape[:2], dtype=torch.bool) if valid is None else valid.bool()
+    if "sensor_rows" in batch:
+        rows = batch["sensor_rows"].to(torch.int64)
+        if len(rows) != len(sensor) or (len(rows) and (rows.min() < 0 or rows.max() >= batch_size)):
+            raise ValueError(f"batch sensor_rows {rows.tolist()} do not index {len(sensor)} windows of a batch of "
+                             f"{batch_size}")
+        return sensor, valid, rows
+    if sensor.shape[0] != batch_size:
+        raise ValueError(f"batch sensor has {sensor.shape[0]} samples, the batch has {batch_size}")
+    has = batch.get("has_sensor")
+    has = valid.cpu().any(dim=1) if has is None else has.cpu().bool()
+    rows = has.nonzero().flatten()
+    if bool(has.all()):
+        return sensor, valid, rows
+    return sensor[rows.to(sensor.device)], valid[rows.to(valid.device)], rows
+
+
+def dense_sensor(items: list[dict], length: int, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The items' windows as one float32 (B, T, C) tensor and (B, T) mask, zeros and False for an item
+    without one: the dense form `QwenVLA.predict` takes."""
+    sensor = torch.zeros(len(items), length, channels)
+    mask = torch.zeros(len(items), length, dtype=torch.bool)
+    for i, item in enumerate(items):
+        if "sensor" in item:
+            sensor[i], mask[i] = item["sensor"].float(), item["sensor_mask"]
+    return sensor, mask
