@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 
-from tests.benchmarks.report import machine, update_section
+from tests.benchmarks.report import machine, publish
 from vla_ds.data import synthetic
 from vla_ds.data.batch import collate
 from vla_ds.data.dataset import IntegratedDataset
@@ -155,9 +155,7 @@ def main(argv=None) -> None:
         "+5 to +30 % measured); the floor decodes them but ships nothing, and the rest of the gap is moving "
         "16 decoded views (~7 MB) per batch to the main process.",
     ]
-    md = "\n".join(lines)
-    print(md)
-    update_section("performance.md", "loader", md)
+    publish("loader", lines)
 
 
 if __name__ == "__main__":

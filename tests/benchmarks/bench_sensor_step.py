@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from tests.benchmarks.report import machine, update_section
+from tests.benchmarks.report import machine, publish
 from tests.model.test_sensor import _dense_reference
 from vla_ds.data.batch import packed_sensor
 from vla_ds.model.config import ModelConfig
@@ -114,9 +114,7 @@ def main(argv=None) -> None:
         "not of the data -- and AdamW updates them. Skipping both when no rank has a sensed sample would need an "
         "all-reduce of the count per step and DeepSpeed to accept gradient-less steps under ZeRO-2/3; not done.",
     ]
-    md = "\n".join(lines)
-    print(md)
-    update_section("performance.md", "sensor-step", md)
+    publish("sensor-step", lines)
 
 
 if __name__ == "__main__":

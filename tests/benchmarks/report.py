@@ -27,3 +27,11 @@ def update_section(page: str, name: str, markdown: str) -> Path:
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     path.write_text(text)
     return path
+
+
+def publish(name: str, lines: list[str], page: str = "performance.md") -> str:
+    """Print a benchmark's Markdown lines and write them as section `name` of docs/PAGE."""
+    md = "\n".join(lines)
+    print(md)
+    update_section(page, name, md)
+    return md
