@@ -11,9 +11,20 @@ from vla_ds.data.dataset import IntegratedDataset
 from vla_ds.data.ingest import IngestOptions, preprocess
 
 
+def _same(a, b, key) -> None:
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b), key
+    elif isinstance(a, list):
+        assert len(a) == len(b), key
+        for x, y in zip(a, b):
+            _same(x, y, key)
+    else:
+        assert a == b, key
+
+
 def test_worker_batches_equal_main_process_batches(exact_session_a, exact_session_b, tmp_path):
     preprocess([str(exact_session_a.parent.parent)], tmp_path / "ds", IngestOptions())
-    ds = IntegratedDataset(tmp_path / "ds", load_images=False)
+    ds = IntegratedDataset(tmp_path / "ds")
     want = [collate([ds[i] for i in range(k, min(k + 3, len(ds)))]) for k in range(0, len(ds), 3)]
     loader = torch.utils.data.DataLoader(ds, batch_size=3, num_workers=2, collate_fn=collate)
     got = list(loader)
@@ -21,10 +32,11 @@ def test_worker_batches_equal_main_process_batches(exact_session_a, exact_sessio
     for g, w in zip(got, want):
         assert g.keys() == w.keys()
         for k in w:
-            if isinstance(w[k], torch.Tensor):
-                assert g[k].dtype == w[k].dtype and torch.equal(g[k], w[k]), k
-            else:
-                assert g[k] == w[k], k
+            _same(g[k], w[k], k)
+    # every view of a batch has one size: one stacked tensor, each sample's views slices of it
+    views = want[0]["images"]
+    assert len(views[0]) == 2 and views[0][0].dtype == torch.uint8 and views[0][0].shape[2] == 3
+    assert len({v.untyped_storage().data_ptr() for s in views for v in s}) == 1
     sensed = next(b for b in want if "sensor" in b)
     assert sensed["sensor"].dtype == torch.float16  # as stored: half the bytes of float32
     # by value: every tensor under SMALL_BYTES; the (n, 650, 1026) windows go through shared memory

@@ -35,6 +35,21 @@ def _rebuild(items: dict, by_value: list[str]) -> Batch:
     return Batch({**items, **{k: torch.from_numpy(np.asarray(items[k])) for k in by_value}})
 
 
+def _images(samples: list[dict]) -> list[list]:
+    """Each sample's views. When every view of the batch is an (H, W, 3) tensor of one size (the usual
+    case: the cameras re-encoded at one --max-side), they are stacked into one tensor -- in a worker,
+    one shared-memory segment instead of one per view (+15 to +50 % samples/s at 2 views, 448 px) --
+    and each sample gets views of it."""
+    from torch.utils.data import default_collate
+
+    views = [s["images"] for s in samples]
+    flat = [im for v in views for im in v]
+    if not flat or not all(isinstance(im, torch.Tensor) for im in flat) or len({im.shape for im in flat}) > 1:
+        return views
+    stacked = iter(default_collate(flat).unbind(0))
+    return [[next(stacked) for _ in v] for v in views]
+
+
 def collate(samples: list[dict]) -> Batch:
     """Batch samples of any mix of sensor / no-sensor; any batch size (the module docstring).
 
@@ -57,7 +72,7 @@ def collate(samples: list[dict]) -> Batch:
         "episode_ids": [s["episode_id"] for s in samples],
     })
     if "images" in samples[0]:
-        batch["images"] = [s["images"] for s in samples]
+        batch["images"] = _images(samples)
     for key in ("vl_pooled", "vl_tokens", "vl_tokens_mask"):  # VL cache features (cache mode)
         if key in samples[0]:
             batch[key] = default_collate([s[key] for s in samples])
