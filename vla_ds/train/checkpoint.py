@@ -23,7 +23,9 @@ into place and only then moves the pointers. A crash at any moment leaves the pr
 and every pointer valid. A checkpoint damaged afterwards (a disk filled by another job, a truncated
 copy) is caught on resume by its manifest: `--resume auto` takes the newest step directory that
 checks whole, says in one line which it skipped and why, and leaves the damaged one in place (if
-training saves that step again, the damaged directory is kept as `step_NNNNNN.damaged`). Nothing is pickled by vla-ds. DeepSpeed's own shards are torch files; on
+training saves that step again, the damaged directory is kept as `step_NNNNNN.damaged`).
+
+Nothing is pickled by vla-ds. DeepSpeed's own shards are torch files; on
 resume DeepSpeed reads them through `SafeCheckpointEngine`, which loads with `weights_only=True` and
 an allowlist of DeepSpeed's state types (`vla_ds.utils.weights.load_torch_state`): a crafted checkpoint
 is refused in one line and runs no code.

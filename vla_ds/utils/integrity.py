@@ -26,7 +26,7 @@ def file_sizes(root: Path) -> dict[str, int]:
     """{relative path: size} of the regular files under `root`, the manifest itself excepted."""
     root = Path(root)
     return {p.relative_to(root).as_posix(): p.stat().st_size
-            for p in sorted(root.rglob("*")) if p.is_file() and not p.is_symlink() and p.name != MANIFEST}
+            for p in sorted(root.rglob("*")) if p.is_file() and not p.is_symlink() and p != root / MANIFEST}
 
 
 def write_manifest(root: Path) -> None:
@@ -50,9 +50,9 @@ def check(root: Path) -> str | None:
             actual = path.stat().st_size
             if actual != size:
                 return f"{rel} is {actual} bytes, {size} when it was saved"
-        files = sorted(root / rel for rel in recorded)
     else:
-        files = sorted(p for p in root.rglob("*") if p.is_file())
+        recorded = file_sizes(root)
+    files = [root / rel for rel in sorted(recorded)]
     for path in files:
         why = structure(path)
         if why:
