@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from vla_ds.errors import near_miss
 from vla_ds.model.config import ModelConfig
 
 SCHED_ON = ("step", "epoch")
@@ -267,8 +267,8 @@ def load_yaml(path: str | Path) -> dict:
     hints = field_types()
     unknown = sorted(k for k in flat if k not in hints)
     if unknown:
-        near = {k: difflib.get_close_matches(k, list(hints), n=1) for k in unknown}
-        named = ", ".join(f"{k} (did you mean {near[k][0]}?)" if near[k] else k for k in unknown)
+        near = {k: near_miss(k, list(hints), cutoff=0.6) for k in unknown}
+        named = ", ".join(f"{k} (did you mean {near[k]}?)" if near[k] else k for k in unknown)
         raise ValueError(f"--config {path}: unknown setting(s) {named}; the settings are the flags of "
                          "`vla-ds train --help`, spelt with _")
     return {k: _coerce(v, hints[k], f"--config {path}: {k}") for k, v in flat.items()}

@@ -300,3 +300,11 @@ def test_a_sensor_of_another_width_is_caught_at_preprocess(exact_session_a, tmp_
     _assert_nothing_written(tmp_path / "ds")
     assert main(["preprocess", str(exact_session_a), "--out", str(tmp_path / "ds"), "--sensor-input-channels", "1001"]) == 0
     assert json.loads(next((tmp_path / "ds" / "episodes").glob("*/meta.json")).read_text())["sensor"]["channels"] == 1001
+
+
+def test_a_session_unpacked_one_level_deep_is_found(exact_session_a, tmp_path):
+    # an archive of recv_all_X unpacked into a folder of the same name: recv_all_X/recv_all_X/...
+    outer = tmp_path / "copy" / exact_session_a.name
+    shutil.copytree(exact_session_a, outer / exact_session_a.name)
+    summary = preprocess([str(tmp_path / "copy")], tmp_path / "ds", IngestOptions())
+    assert summary["episodes"] == 1 and not summary["skipped_sessions"]

@@ -33,8 +33,8 @@ def test_worker_batches_equal_main_process_batches(exact_session_a, exact_sessio
         assert g.keys() == w.keys()
         for k in w:
             _same(g[k], w[k], k)
-    # every view of a batch has one size: one stacked tensor, each sample's views slices of it
-    views = want[0]["images"]
+    # every view of a batch has one size: from a worker, one stacked tensor, each sample's views slices of it
+    views = got[0]["images"]
     assert len(views[0]) == 2 and views[0][0].dtype == torch.uint8 and views[0][0].shape[2] == 3
     assert len({v.untyped_storage().data_ptr() for s in views for v in s}) == 1
     sensed = next(b for b in want if "sensor" in b)
@@ -44,3 +44,7 @@ def test_worker_batches_equal_main_process_batches(exact_session_a, exact_sessio
     assert "actions" in by_value and "sensor_rows" in by_value and "sensor" not in by_value
     assert sensed["sensor"].numel() * 2 > SMALL_BYTES
     assert torch.equal(pickle.loads(pickle.dumps(sensed))["actions"], sensed["actions"])
+    # pinned for a CUDA copy: the tensors that go to the device, not the images (they stay on the CPU)
+    if torch.cuda.is_available():
+        pinned = sensed.pin_memory()
+        assert pinned["sensor"].is_pinned() and not pinned["images"][0][0].is_pinned()

@@ -90,3 +90,26 @@ def test_only_damaged_checkpoints_or_a_damaged_named_one_are_refused_in_one_line
     assert "every checkpoint" in msg and STEP in msg and "step_000001 (policy/config.json is missing)" in msg
     assert "--resume none" in msg and "\n" not in msg
     assert resolve_resume("auto", tmp_path / "fresh") is None, "no checkpoints at all: a fresh start"
+
+
+def test_auto_takes_latest_not_an_abandoned_newer_step_and_orders_steps_by_number(zero2_run, tmp_path):
+    from vla_ds.train.checkpoint import set_pointer
+
+    out, latest, older = _two_steps(zero2_run, tmp_path)
+    root = out / "checkpoints"
+    # a run resumed from step 2 left the step 3 of the timeline it abandoned: not a candidate
+    shutil.copytree(latest, root / "step_000003")
+    assert resolve_resume("auto", out) == latest.resolve()
+    # past six digits: step_1000000 is newer than step_999999 (by name it sorts before)
+    for name in ("step_999999", "step_1000000"):
+        shutil.copytree(latest, root / name)
+    set_pointer(root, "latest", "step_1000000")
+    assert resolve_resume("auto", out) == (root / "step_1000000").resolve()
+
+
+def test_a_safetensors_header_of_the_wrong_shape_is_damage_not_a_traceback(tmp_path):
+    import struct
+
+    header = json.dumps([1, 2]).encode()  # valid JSON, not a {name: {dtype, shape, data_offsets}} map
+    (tmp_path / "w.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
+    assert "w.safetensors is unreadable" in integrity.check(tmp_path)

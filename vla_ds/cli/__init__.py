@@ -15,6 +15,7 @@ import importlib
 
 from vla_ds import __version__
 from vla_ds.cli.common import HELP_FORMAT, add_verbose_flag, run_command
+from vla_ds.errors import near_miss
 
 SUBCOMMANDS = {
     "demo": "vla_ds.cli.demo",
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, module in SUBCOMMANDS.items():
         importlib.import_module(module).add_parser(sub, name)
+    parser.commands = sub.choices  # name -> its parser
     return parser
 
 
@@ -49,20 +51,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # argparse would blame `vla-ds` and suggest nothing: name the subcommand and the near flag
-        command = parser._subparsers._group_actions[0].choices[args.command]
+        command = parser.commands[args.command]
         command.error(f"unrecognized arguments: {' '.join(extra)}{near_flag(command, extra)}")
     return run_command(args.command, args, args.run)
 
 
 def near_flag(parser: argparse.ArgumentParser, extra: list[str]) -> str:
     """' (did you mean --batch-size?)' for the first unknown flag that is a near miss of a real one."""
-    import difflib
-
     flags = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
     for word in extra:
-        if word.startswith("--"):
-            near = difflib.get_close_matches(word.split("=")[0], flags, n=1, cutoff=0.75)
-            if near:
-                return f" (did you mean {near[0]}?)"
+        near = near_miss(word.split("=")[0], flags) if word.startswith("--") else None
+        if near:
+            return f" (did you mean {near}?)"
     return ""
 

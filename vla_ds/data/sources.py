@@ -362,15 +362,17 @@ def discover_sources(paths: list[str]) -> list[tuple[str, Path]]:
 
     A folder is a layout-A session when it holds a robot_state CSV or is named recv_all_* (the
     recorder's name: such a folder is a session even when empty, so an empty or half-copied one is
-    reported, not passed over); a layout-B session when it holds *.json frame lists; otherwise its
-    subfolders are searched.
+    reported, not passed over; unless it holds recv_all_* folders itself, an archive unpacked one
+    level deep); a layout-B session when it holds *.json frame lists; otherwise its subfolders are
+    searched.
     """
     import glob
 
     found: list[tuple[str, Path]] = []
 
     def visit(p: Path, depth: int) -> None:
-        if any(p.glob("robot_state_*.csv")) or (p.name.startswith("recv_all_") and not any(p.glob("*.json"))):
+        named = p.name.startswith("recv_all_") and not any(p.glob("*.json")) and not any(p.glob("recv_all_*/"))
+        if any(p.glob("robot_state_*.csv")) or named:
             found.append(("A", p))
         elif any(p.glob("*.json")):
             found.append(("B", p))

@@ -104,7 +104,7 @@ def load_policy(cls, path: str | os.PathLike, backbone: str | os.PathLike | None
     meta, config = read_policy_config(path)
     if backbone is not None:
         config = dataclasses.replace(config, backbone=str(backbone))
-    policy = cls(config, NormStats.load(path), device=device, load_backbone=load_backbone)
+    policy = cls(config, NormStats.load(path), device=device, load_backbone=load_backbone, views=meta.get("views"))
     if policy.vl_dim != meta.get("vl_dim", policy.vl_dim):
         raise ValueError(f"--backbone {config.backbone} has hidden size {policy.vl_dim}, the policy in {path} was "
                          f"trained on one of hidden size {meta['vl_dim']}")
@@ -113,5 +113,4 @@ def load_policy(cls, path: str | os.PathLike, backbone: str | os.PathLike | None
         raise FileNotFoundError(f"{weights}: missing; the policy directory is incomplete")
     targets = {**dict(policy.named_buffers()), **dict(policy.named_parameters(remove_duplicate=False))}
     load_strict(targets, load_file(str(weights)), policy.saved_parameter_names(), str(weights), str(path / CONFIG_FILE))
-    policy.views = meta.get("views")
     return policy.eval()

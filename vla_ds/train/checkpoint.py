@@ -222,10 +222,21 @@ def resolve_resume(spec: str, run_dir: Path) -> Path | None:
     raise UsageError(f"--resume {spec}: not a checkpoint (no {STATE_FILE}); give a step directory or a run directory")
 
 
+def _candidates(root: Path) -> list[Path]:
+    """The step directories a resume may take, newest first: `latest` and every older step. A newer
+    one than `latest` is left out: a run resumed from an earlier step abandoned it."""
+    found = [p for p in root.iterdir() if STEP_DIR.match(p.name)] if root.is_dir() else []
+    found.sort(key=lambda p: int(STEP_DIR.match(p.name)[1]), reverse=True)  # step_1000000 after step_999999
+    latest = root / os.readlink(root / "latest") if (root / "latest").is_symlink() else None
+    if latest is None or not STEP_DIR.match(latest.name):
+        return found
+    newest = int(STEP_DIR.match(latest.name)[1])
+    return [p for p in found if int(STEP_DIR.match(p.name)[1]) <= newest]
+
+
 def _newest_whole(root: Path) -> Path | None:
     skipped = []
-    candidates = sorted((p for p in root.iterdir() if STEP_DIR.match(p.name)), reverse=True) if root.is_dir() else []
-    for step_dir in candidates:
+    for step_dir in _candidates(root):
         why = integrity.check(step_dir) or (None if (step_dir / STATE_FILE).is_file() else f"{STATE_FILE} is missing")
         if why is None:
             return step_dir.resolve()

@@ -73,7 +73,7 @@ def structure(path: Path) -> str | None:
         elif zipfile.is_zipfile(path) or path.suffix in (".pt", ".bin"):
             with zipfile.ZipFile(path) as z:
                 z.infolist()
-    except (OSError, ValueError, zipfile.BadZipFile, UnicodeDecodeError) as e:
+    except (OSError, ValueError, zipfile.BadZipFile, UnicodeDecodeError, AttributeError, KeyError, TypeError) as e:
         return f"unreadable ({' '.join(str(e).split())[:120] or type(e).__name__})"
     return None
 
