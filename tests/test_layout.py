@@ -19,6 +19,7 @@ FLOORS = [
     ("vla_ds.model",),
     ("vla_ds.config",),
     ("vla_ds.cache",),
+    ("vla_ds.eval",),  # scores policies (the trainer's --eval-every calls it)
     ("vla_ds.train",),
     ("vla_ds.convert",),  # reads what train writes
     ("vla_ds.profiling",),  # runs the trainer

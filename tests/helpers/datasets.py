@@ -52,3 +52,36 @@ def make_dataset(root: Path, sessions: list[tuple], stats: bool = True, repeat: 
     if stats:
         compute_stats([dataset]).save(dataset)
     return dataset
+
+
+def make_sensor_task(root: Path, per_sign: int = 2, duration: float = 4.0) -> Path:
+    """A task only the sensor can solve: raw sessions with a sensor whose needle advances (+z) when the
+    force reads +1 and retracts (-z) when it reads -1, every image replaced by one and the same
+    picture after ingest, one instruction. Without the sensor, a policy can only predict the mean
+    (no z motion); with it, the direction. Ingested into ROOT/dataset with stats.json."""
+    import numpy as np
+
+    from vla_ds.data import synthetic
+    from vla_ds.data.ingest import IngestOptions, preprocess
+    from vla_ds.data.stats import compute_stats
+
+    raw = root / "raw"
+    for k in range(2 * per_sign):
+        sign = 1.0 if k % 2 == 0 else -1.0
+        t0 = 1761551500.0 + 1000.0 * k
+        t = t0 - 0.5 + np.arange(0, duration + 1.5, 1.0 / synthetic.ROBOT_HZ)
+        pose = np.zeros((len(t), 6))
+        pose[:, 2] = sign * 5.0 * (t - t0) / duration
+        robot = synthetic.RobotTrack(t, pose, np.zeros((len(t), 6)))
+        ts = t0 - 1.0 + np.arange(0, duration + 1.2, 1.0 / synthetic.SENSOR_HZ)
+        sensor = synthetic.SensorTrack(ts, np.full(len(ts), sign, np.float32),
+                                       np.full((len(ts), synthetic.ASCAN_SAMPLES), 100.0, np.float32))
+        frames = t0 + np.arange(0.0, duration + 1e-9, 0.5)
+        synthetic.write_session_a(raw / "needle_insertion", {"View1": frames, "View5": frames}, robot, sensor, IMAGE, k)
+    dataset = root / "dataset"
+    preprocess([str(raw)], dataset, IngestOptions(max_side=64))
+    jpgs = sorted(dataset.glob("episodes/*/images/*/*.jpg"))
+    for p in jpgs[1:]:
+        shutil.copyfile(jpgs[0], p)
+    compute_stats([dataset]).save(dataset)
+    return dataset

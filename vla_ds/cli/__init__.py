@@ -25,6 +25,7 @@ SUBCOMMANDS = {
     "cache": "vla_ds.cli.cache",
     "train": "vla_ds.cli.train",
     "plot": "vla_ds.cli.plot",
+    "eval": "vla_ds.cli.eval",
     "convert": "vla_ds.cli.convert",
     "profile": "vla_ds.cli.profile",
     "plan": "vla_ds.cli.plan",

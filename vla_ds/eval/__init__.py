@@ -1,0 +1,1 @@
+"""Evaluation: open-loop metrics in physical units (`vla-ds eval`), run comparison and ablations."""
