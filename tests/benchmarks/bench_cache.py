@@ -21,10 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
+from tests.benchmarks.bench_loader import Dense  # the items of before: a float32 window for every sample
 from tests.benchmarks.report import machine, publish, update_section
 from vla_ds.cache import CachedDataset, CacheReader, build_cache
 from vla_ds.config import TrainConfig
@@ -79,25 +79,6 @@ def step_times(policy, batches, steps: int, make_batch) -> tuple[float, float]:
     return statistics.median(full), statistics.median(model)
 
 
-class DenseItems(Dataset):
-    """The items vla-ds made before sparse batches: a float32 window for every sample, zeros without a
-    sensor. `collate` then packs all B rows, so the encoder runs on every row, as it did."""
-
-    def __init__(self, ds):
-        self.ds = ds
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def __getitem__(self, i: int) -> dict:
-        item = self.ds[i]
-        window = np.zeros((self.ds.sensor_length, self.ds.sensor_channels), np.float32)
-        mask = np.zeros(self.ds.sensor_length, bool)
-        if "sensor" in item:
-            window[:], mask[:] = item.pop("sensor").numpy(), item.pop("sensor_mask").numpy()
-        return {**item, "sensor": torch.from_numpy(window), "sensor_mask": torch.from_numpy(mask)}
-
-
 def train_rate(policy, ds, batch_size: int, batches: int, workers: int) -> tuple[float, list[int]]:
     """(samples/s, sensed samples per batch) of cache-mode training -- the loader (`workers`
     processes) and forward + backward + AdamW in the main process -- over `batches` batches in one
@@ -144,7 +125,7 @@ def sensor_mix(root: Path, backbone: Path, args) -> None:
     share = float(sparse_ds.sample_has_sensor.mean())
     runs = {"`--sensor-enabled`, sparse batches (vla-ds)": (sensed, sparse_ds),
             "`--sensor-enabled`, dense batches (vla-ds before: a float32 window per sample, every row encoded)":
-                (sensed, DenseItems(sparse_ds)),
+                (sensed, Dense(sparse_ds)),
             "without a sensor encoder (`--fusion-strategy none`)": (plain, dataset(False))}
     rates = {name: train_rate(m, ds, args.batch_size, args.mix_batches, 2) for name, (m, ds) in runs.items()}
     new, old, none = (r[0] for r in rates.values())
