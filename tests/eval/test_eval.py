@@ -135,6 +135,23 @@ def test_a_task_only_the_sensor_solves_scores_lower_with_the_sensor(shared, tmp_
     assert with_s["final_pos_err"] < 0.2 * without["final_pos_err"]
     assert with_s["within_tol"] > without["within_tol"]
 
+    # the ablation report: the setting that differs is a column, the sensor run comes first
+    from vla_ds.eval.compare import compare
+
+    evals = [str(tmp_path / "without"), str(tmp_path / "with")]
+    for metric in ("final_pos_err", "within_tol"):  # lower is better, then higher is better
+        result = compare(evals, metric)
+        assert [r["label"] for r in result["rows"]] == ["with", "without"] and result["comparable"]
+    assert "sensor_enabled" in result["columns"] and "output_dir" not in result["columns"]
+    assert [r["settings"]["sensor_enabled"] for r in result["rows"]] == [True, False]
+    assert main(["compare", *evals, "--output-dir", str(tmp_path / "cmp")]) == 0
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    assert md.index("| ★ | with |") < md.index("|  | without |")
+    with Image.open(tmp_path / "cmp" / "compare.png") as im:
+        assert np.asarray(im.convert("L")).std() > 10
+    with pytest.raises(UsageError, match="no evaluation there.*run `vla-ds eval"):
+        compare([str(tmp_path / "with"), str(shared.run(__name__, "with").dir)])  # trained, never evaluated
+
 
 def test_bad_input_is_one_line(shared, train_data, learn_data, tmp_path):
     run = shared.run(__name__, "val").dir

@@ -26,6 +26,7 @@ SUBCOMMANDS = {
     "train": "vla_ds.cli.train",
     "plot": "vla_ds.cli.plot",
     "eval": "vla_ds.cli.eval",
+    "compare": "vla_ds.cli.compare",
     "convert": "vla_ds.cli.convert",
     "profile": "vla_ds.cli.profile",
     "plan": "vla_ds.cli.plan",

@@ -74,13 +74,13 @@ def markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _nan_to_none(obj):
+def nan_to_none(obj):
     if isinstance(obj, float) and math.isnan(obj):
         return None
     if isinstance(obj, dict):
-        return {k: _nan_to_none(v) for k, v in obj.items()}
+        return {k: nan_to_none(v) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_nan_to_none(v) for v in obj]
+        return [nan_to_none(v) for v in obj]
     return obj
 
 
@@ -97,7 +97,7 @@ def write_report(out: str | Path, results: dict, preds, max_plots: int) -> Path:
 
     out = Path(out)
     with atomic_dir(out) as tmp:
-        (tmp / REPORT_FILE).write_text(json.dumps(_nan_to_none(results), indent=1))
+        (tmp / REPORT_FILE).write_text(json.dumps(nan_to_none(results), indent=1))
         (tmp / "eval.md").write_text(markdown(results))
         np.savez_compressed(tmp / PREDICTIONS_FILE, sample_ids=np.asarray(preds.sample_ids),
                             episode_ids=np.asarray(preds.episode_ids), has_sensor=preds.has_sensor,
