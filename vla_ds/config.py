@@ -86,6 +86,11 @@ class OptimConfig:
             raise ValueError("--sensor-loss-weight must be > 0")
 
 
+# eval/<vla_ds.eval.metrics.SUMMARY_KEYS> (tests/eval/test_in_training.py keeps the two lists equal)
+BEST_METRICS = ("val/loss_epoch", *(f"eval/{k}" for k in ("pos_mae", "ang_mae", "progress_mae", "final_pos_err",
+                                                         "final_ang_err", "within_tol")))
+
+
 @dataclass
 class RunConfig:
     mode: str = _f("train", "train the policy, or build the VL feature cache", choices=MODES)
@@ -103,10 +108,17 @@ class RunConfig:
     init_from: str | None = _f(None, "stage-1 checkpoint/policy dir to load weights from (fresh optimizer)")
     cache_dir: str | None = _f(None, "VL feature cache directory (default: OUTPUT_DIR/../vl_cache)")
     cache_policy: str = _f("auto", "use the VL cache: auto (when valid), require, off", choices=CACHE_POLICIES)
+    eval_every: int = _f(0, "optimizer steps between open-loop evals of the validation episodes, in robot units "
+                            "(eval/... metrics, docs/evaluation.md; 0 = off)")
+    eval_max_samples: int = _f(256, "validation samples an in-training eval scores (evenly spaced; 0 = all)")
+    eval_tol: float = _f(1.0, "robot units: eval/within_tol counts chunk steps at most this far off")
+    best_metric: str = _f("val/loss_epoch", "what checkpoints/best follows", choices=BEST_METRICS)
 
     def __post_init__(self):
-        if self.log_every < 1 or self.val_every < 0:
-            raise ValueError("--log-every must be >= 1 and --val-every >= 0")
+        if self.log_every < 1 or self.val_every < 0 or self.eval_every < 0 or self.eval_max_samples < 0:
+            raise ValueError("--log-every must be >= 1; --val-every, --eval-every, --eval-max-samples >= 0")
+        if self.best_metric.startswith("eval/") and not self.eval_every:
+            raise ValueError(f"--best-metric {self.best_metric} needs --eval-every N (evals during training)")
         if self.save_every < 0 or self.keep_last < 0:
             raise ValueError("--save-every and --keep-last must be >= 0")
 

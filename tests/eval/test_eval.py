@@ -30,7 +30,8 @@ def shared_runs(ctx) -> dict:
     if ctx.uses("train_data"):  # 4 episodes, half of each group held out
         runs["val"] = ["--data", str(ctx.fixture("train_data")), "--backbone", backbone, "--output-dir",
                        str(ctx.root("eval_val") / "run"), "--max-steps", "4", "--val-ratio", "0.5",
-                       "--sensor-enabled", *HEAD]
+                       "--sensor-enabled", "--eval-every", "2", "--eval-max-samples", "0", "--best-metric",
+                       "eval/final_pos_err", "--save-every", "2", *HEAD]
     if ctx.selected("test_a_task_only_the_sensor_solves_scores_lower_with_the_sensor") or ctx.selected(
             "test_a_run_without_validation_episodes_says_what_to_pass"):
         from tests.helpers.datasets import make_sensor_task
@@ -63,7 +64,7 @@ def test_eval_scores_the_runs_validation_episodes_as_predict_does(shared, train_
     assert len(val_ids) == 2 and not set(train_ids) & set(val_ids)
     r = _eval(run, tmp_path)
     out = tmp_path / "out"
-    assert r["episode_ids"] == val_ids and r["checkpoint"] == "best -> step_000004"
+    assert r["episode_ids"] == val_ids and r["checkpoint"].startswith("best -> step_00000")
     assert json.loads((out / "eval.json").read_text())["metrics"]["summary"]["policy"]["samples"] == r["samples"]
     preds = np.load(out / "predictions.npz")
     assert set(np.char.rpartition(preds["sample_ids"].astype(str), ":")[:, 0]) == set(val_ids)
@@ -182,3 +183,32 @@ def test_a_run_without_validation_episodes_says_what_to_pass(shared, tmp_path):
     with pytest.raises(UsageError, match="--val-ratio 0 and has no validation episodes; pass --episodes all") as e:
         _eval(shared.run(__name__, "with").dir, tmp_path)
     assert "\n" not in str(e.value)
+
+
+def test_the_trainers_eval_is_vla_ds_eval_and_best_follows_it(shared, train_data, tmp_path):
+    from tests.helpers.runs import metrics_rows
+    from vla_ds.config import BEST_METRICS
+    from vla_ds.eval.metrics import SUMMARY_KEYS
+
+    assert BEST_METRICS == ("val/loss_epoch", *(f"eval/{k}" for k in SUMMARY_KEYS))
+    run = shared.run(__name__, "val").dir
+    logged = {r["step"]: r for r in metrics_rows(run) if "eval/final_pos_err" in r}
+    assert sorted(logged) == [2, 4]
+    for step in (2, 4):  # --eval-max-samples 0: every validation sample, as `vla-ds eval` scores them
+        r = _eval(run / "checkpoints" / f"step_{step:06d}", tmp_path, f"s{step}")["metrics"]
+        for key in SUMMARY_KEYS:
+            assert logged[step][f"eval/{key}"] == pytest.approx(r["summary"]["policy"][key], rel=1e-5, abs=1e-7)
+        assert logged[step]["eval/zero_motion/final_pos_err"] == pytest.approx(
+            r["summary"]["zero_motion"]["final_pos_err"], rel=1e-6)
+        assert logged[step]["eval/sensor/final_pos_err"] == pytest.approx(
+            r["by_sensor"]["sensor"]["policy"]["final_pos_err"], rel=1e-5)
+    best = min(logged, key=lambda k: logged[k]["eval/final_pos_err"])
+    assert (run / "checkpoints" / "best").resolve().name == f"step_{best:06d}"
+
+
+def test_eval_flags_of_training_are_checked_before_anything_is_written(train_data, tiny_model_dir, tmp_path):
+    base = ["train", "--data", str(train_data), "--backbone", str(tiny_model_dir), "--output-dir",
+            str(tmp_path / "run"), "--wandb-mode", "disabled"]
+    assert main([*base, "--val-ratio", "0", "--eval-every", "2"]) == 2  # no validation episodes to score
+    assert main([*base, "--best-metric", "eval/within_tol"]) == 2  # an eval metric without evals
+    assert not (tmp_path / "run").exists()

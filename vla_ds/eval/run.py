@@ -92,9 +92,10 @@ def subsample(n: int, max_samples: int) -> list[int]:
 
 @torch.no_grad()
 def predict_dataset(policy, dataset, batch_size: int, num_workers: int, indices: list[int] | None = None,
-                    desc: str = "eval") -> Predictions:
+                    desc: str = "eval", forward=None) -> Predictions:
     """The policy's denormalized chunks for `dataset` (items with recorded actions), batched, in eval
-    mode (bf16 autocast on CUDA); the recorded actions are kept aside, never shown to the policy."""
+    mode (bf16 autocast on CUDA); the recorded actions are kept aside, never shown to the policy.
+    `forward` (default: the policy) runs a batch: the trainer passes its DeepSpeed engine."""
     from torch.utils.data import DataLoader, Subset
 
     from vla_ds.data.batch import collate
@@ -112,7 +113,7 @@ def predict_dataset(policy, dataset, batch_size: int, num_workers: int, indices:
             for batch in loader:
                 target, mask = batch.pop("actions"), batch.pop("action_mask")
                 with autocast:
-                    out = policy(batch)
+                    out = (forward or policy)(batch)
                 pred = policy.normalizer.denormalize_actions(out.actions).cpu()
                 if not torch.isfinite(pred).all():
                     raise RuntimeError(f"eval: the policy predicted NaN/inf for {batch['sample_ids'][0]}...; check its "

@@ -9,6 +9,8 @@ Features:
   - the old trainer's wandb metric names, mirrored to RUN_DIR/metrics.jsonl; rank-0 progress bar
   - validation with sensor / no-sensor losses; a non-finite loss stops every rank with the step
     and the offending sample ids
+  - --eval-every N: the open-loop metrics of `vla-ds eval` (robot units, degrees) on the validation
+    episodes, logged as eval/...; checkpoints/best follows --best-metric (default val/loss_epoch)
   - VL feature cache (--cache-policy auto|require|off): with a frozen backbone and a matching
     cache, batches carry cached features and the backbone's weights are never loaded
   - a phase hook (`Trainer(cfg, phase=...)`): a context manager around each stage -- model_load,
@@ -33,7 +35,7 @@ import yaml
 from vla_ds.config import TrainConfig, save_config
 from vla_ds.errors import UsageError
 from vla_ds.train.metrics import Tally
-from vla_ds.utils.dist import all_sum, device_for, init_distributed
+from vla_ds.utils.dist import device_for, init_distributed
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +47,7 @@ class TrainState:
     step: int = 0  # optimizer steps done
     epoch: int = 0
     consumed: int = 0  # samples this rank consumed in the current epoch
-    best_val_loss: float | None = None
+    best_val_loss: float | None = None  # the best value of --best-metric so far (the val loss by default)
     wandb_run_id: str | None = None
     losses: list = field(default_factory=list)  # (step, train/loss_step) history of this process
 
@@ -87,6 +89,9 @@ class Trainer:
         self.stats = load_stats(cfg)
         with self.phase("model_load"):
             self._build_model_and_data()
+        from vla_ds.train.evaluation import InTrainingEval
+
+        self.evaluator = InTrainingEval(self) if cfg.run.eval_every else None  # refuses a run without val now
         from vla_ds.model.backbone import hidden_size, read_backbone_config
 
         self.ds_config = resolve_ds_config(
@@ -243,34 +248,11 @@ class Trainer:
             )
         return loss, has
 
-    @torch.no_grad()
     def validate(self) -> dict:
-        """Collective. Mean per-sample (unweighted) loss on the validation episodes, split by sensor."""
-        if self.val_ds is None:
-            return {}
-        from vla_ds.data.sampler import BalancedDistributedSampler
+        """Collective. The validation losses (vla_ds/train/evaluation.py)."""
+        from vla_ds.train.evaluation import validation_losses
 
-        sampler = BalancedDistributedSampler(self.val_ds.sample_has_sensor, num_replicas=self.world, rank=self.rank,
-                                             shuffle=False)
-        n_real = len(self.val_ds)
-        self.engine.eval()
-        sums = [0.0, 0.0, 0.0, 0.0]  # loss sensor, n sensor, loss no-sensor, n no-sensor
-        k = 0
-        for batch in self.loader(self.val_ds, sampler):
-            out = self.engine(batch)
-            for loss, has in zip(out.per_sample_loss.float().tolist(), batch["has_sensor"].tolist()):
-                if self.rank + k * self.world < n_real:  # padded duplicates (equal shards) do not count
-                    sums[0 if has else 2] += loss
-                    sums[1 if has else 3] += 1
-                k += 1
-        self.engine.train()
-        s = all_sum(sums, self.device)
-        n = s[1] + s[3]
-        return {
-            "val/loss_epoch": (s[0] + s[2]) / max(n, 1),
-            "val/loss_sensor": s[0] / s[1] if s[1] else float("nan"),
-            "val/loss_nosensor": s[2] / s[3] if s[3] else float("nan"),
-        }
+        return validation_losses(self)
 
     def lr_metrics(self) -> dict:
         out = {"train/lr": self.optimizer.param_groups[0]["lr"]}
@@ -332,7 +314,7 @@ class Trainer:
                 self.schedule.step()
             st.epoch += 1
             st.consumed = 0
-            improved = self._validate_and_log() if not cfg.run.val_every else False
+            improved = self._measure(val=not cfg.run.val_every, evaluate=False)
             self.checkpoint(best=improved)
 
     def _end_step(self, step: Tally, window: Tally) -> None:
@@ -366,26 +348,37 @@ class Trainer:
             self.bar.set_postfix(loss=f"{row['train/loss_step']:.4f}", lr=f"{row['train/lr']:.2e}",
                                  sps=f"{row['train/samples_per_s']:.1f}")
             window.reset()
-        improved = self._validate_and_log() if cfg.run.val_every and st.step % cfg.run.val_every == 0 else False
+        improved = self._measure(val=bool(cfg.run.val_every) and st.step % cfg.run.val_every == 0,
+                                 evaluate=bool(cfg.run.eval_every) and st.step % cfg.run.eval_every == 0)
         if improved or (cfg.run.save_every and st.step % cfg.run.save_every == 0):
             self.checkpoint(best=improved)
         from vla_ds.utils.faults import fault_point
 
         fault_point("kill_at_step", st.step)
 
-    def _validate_and_log(self) -> bool:
-        """Collective. Validate, log, and say whether the validation loss improved (same on every rank)."""
-        row = self.validate()
+    def _measure(self, val: bool, evaluate: bool) -> bool:
+        """Collective. Validate and/or evaluate (--eval-every), log, and say whether --best-metric
+        improved (the same on every rank)."""
+        row = {**(self.validate() if val else {}), **(self.evaluator() if evaluate else {})}
         if not row:
             return False
-        self.logger.log(row, self.state.step)
+        st, metric = self.state, self.cfg.run.best_metric
+        self.logger.log(row, st.step)
         self.last.update(row)
-        v = row["val/loss_epoch"]
-        improved = self.state.best_val_loss is None or v < self.state.best_val_loss
+        v = row.get(metric)
+        improved = v is not None and math.isfinite(v) and (
+            st.best_val_loss is None or (v > st.best_val_loss if metric.endswith("within_tol") else v < st.best_val_loss))
         if improved:
-            self.state.best_val_loss = v
-        log.info("step %d: val loss %.4f (sensor %.4f, no sensor %.4f)%s", self.state.step, v,
-                 row["val/loss_sensor"], row["val/loss_nosensor"], " best so far" if improved else "")
+            st.best_val_loss = v
+        best = f" best {metric} so far" if improved else ""
+        if "val/loss_epoch" in row:
+            log.info("step %d: val loss %.4f (sensor %.4f, no sensor %.4f)%s", st.step, row["val/loss_epoch"],
+                     row["val/loss_sensor"], row["val/loss_nosensor"], best if metric.startswith("val/") else "")
+        if evaluate:
+            log.info("step %d: eval final position error %.4g (zero motion %.4g, mean chunk %.4g), within tol %.1f%%%s",
+                     st.step, row["eval/final_pos_err"], row["eval/zero_motion/final_pos_err"],
+                     row["eval/mean_chunk/final_pos_err"], 100 * row["eval/within_tol"],
+                     best if metric.startswith("eval/") else "")
         return improved
 
 
