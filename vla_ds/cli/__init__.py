@@ -27,6 +27,7 @@ SUBCOMMANDS = {
     "plot": "vla_ds.cli.plot",
     "eval": "vla_ds.cli.eval",
     "compare": "vla_ds.cli.compare",
+    "ablate": "vla_ds.cli.ablate",
     "convert": "vla_ds.cli.convert",
     "profile": "vla_ds.cli.profile",
     "plan": "vla_ds.cli.plan",

@@ -119,21 +119,26 @@ def process_group_cleanup() -> Iterator[None]:
 
 
 def torchrun(module: str, args: list[str], nproc: int = 2, env: dict | None = None,
-             timeout: float | None = None) -> subprocess.CompletedProcess:
+             timeout: float | None = None, log_file: str | os.PathLike | None = None) -> subprocess.CompletedProcess:
     """`torchrun --nproc_per_node NPROC -m MODULE ARGS` on this machine, output captured (text).
 
     A free master port; one OpenMP thread per process (as torchrun itself would set); wandb off;
     DeepSpeed's CPU accelerator where there is no GPU; TORCH_EXTENSIONS_DIR (vla-ds's per-environment
     default unless set). `env` adds to (and overrides) those.
     `nproc=0` runs `python -m MODULE ARGS` as one plain process, with no launcher at all.
+    `log_file`: the output is appended there as it comes (a long run), not captured; wandb is then
+    left as the run's own settings say.
     """
     # Every child builds/loads DeepSpeed's ops in the same per-environment directory as this process.
     use_extensions_dir()
-    base = {"OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    base = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **({} if log_file else {"WANDB_MODE": "disabled"})}
     if not torch.cuda.is_available():
         base["DS_ACCELERATOR"] = "cpu"
     launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
                 str(free_port())] if nproc else []
     cmd = [sys.executable, *launcher, "-m", module, *args]
-    return subprocess.run(cmd, env={**os.environ, **base, **(env or {})}, capture_output=True, text=True,
-                          timeout=timeout)
+    full_env = {**os.environ, **base, **(env or {})}
+    if log_file is None:
+        return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    with open(log_file, "a") as out:
+        return subprocess.run(cmd, env=full_env, stdout=out, stderr=subprocess.STDOUT, text=True, timeout=timeout)
