@@ -9,6 +9,8 @@
   7. the frozen-backbone head trained from the cache, killed with SIGKILL mid-run, then resumed
   8. `vla-ds convert` of the final checkpoint to plain safetensors + a policy directory
   9. `policy.predict` with the converted policy on recorded frames, next to the true actions
+ 10. the same head trained without the sensor; `vla-ds eval` of both on their validation episodes
+ 11. `vla-ds compare` of the two: with vs without the sensor, in robot units
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ DEMO_HEAD = [
     "--expert-hidden-dim", "64", "--expert-num-heads", "2", "--expert-num-layers", "2",
     "--num-workers", "0", "--wandb-mode", "disabled", "--views", "View1", "View5",
 ]
-STAGES = 9
+STAGES = 11
 
 
 def make_recordings(root: Path, seed: int) -> list[Path]:
@@ -140,6 +142,10 @@ def run_demo(out: str | Path, seed: int = 0, train_steps: int = 40) -> dict:
         "lora_run": str(lora_run), "lora": lora, "head_run": str(head_run), "head": head,
     }
     result.update(convert_and_predict(head_run, converted, dataset))
+    no_sensor = [a for a in head_args if a != "--sensor-enabled"]
+    no_sensor[no_sensor.index("--fusion-strategy") + 1] = "none"
+    no_sensor[no_sensor.index("--output-dir") + 1] = str(out / "run_cached_head_nosensor")
+    result.update(eval_and_compare([head_run, out / "run_cached_head_nosensor"], no_sensor, out / "compare"))
     result["seconds"] = time.perf_counter() - t0
     log.info("demo finished in %.0f s; outputs under %s", result["seconds"], out)
     return result
@@ -195,3 +201,27 @@ def convert_and_predict(run_dir: Path, out: Path, dataset: Path) -> dict:
                  it["has_sensor"], np.array2string(pred[0].numpy(), precision=3, suppress_small=True),
                  np.array2string(it["actions"][0].numpy(), precision=3, suppress_small=True))
     return {"converted": str(out), "policy": str(out / "policy"), "predicted_shape": tuple(actions.shape)}
+
+
+def eval_and_compare(runs: list[Path], train_args: list[str], compare_dir: Path) -> dict:
+    """Stages 10 and 11: train runs[1] with `train_args`, evaluate both runs on their (identical)
+    validation episodes, compare them."""
+    from vla_ds.eval.compare import compare, write_compare
+    from vla_ds.eval.run import EvalArgs, evaluate
+
+    log.info("[10/%d] the same head without the sensor -> %s; vla-ds eval of both", STAGES, runs[1])
+    _check(torchrun(train_args), "training without the sensor")
+    evals = {}
+    for run in runs:
+        log.info("      vla-ds eval %s", run)
+        r = evaluate(EvalArgs(policy=str(run), num_workers=0))
+        s = r["metrics"]["summary"]
+        log.info("      -> %s: final position error %.3f units (zero motion %.3f, mean chunk %.3f), %.0f%% of steps "
+                 "within %.1f", r["output_dir"], s["policy"]["final_pos_err"], s["zero_motion"]["final_pos_err"],
+                 s["mean_chunk"]["final_pos_err"], 100 * s["policy"]["within_tol"], r["tol"])
+        evals[run.name] = r["output_dir"]
+    log.info("[11/%d] vla-ds compare %s", STAGES, " ".join(map(str, runs)))
+    result = compare([str(r) for r in runs])
+    write_compare(result, compare_dir)
+    log.info("      best: %s; report %s (compare.md, compare.png)", result["best"], compare_dir / "compare.md")
+    return {"evals": evals, "compare": str(compare_dir), "best": result["best"]}

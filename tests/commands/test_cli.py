@@ -1,6 +1,7 @@
 """The `vla-ds` entry point: installed console script, subcommands, one-line errors."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -79,4 +80,11 @@ def test_demo_runs_end_to_end(tmp_path, caplog):
     latest = int(re.search(r"killed \(exit -?\d+\); checkpoints/latest -> step_(\d+)", caplog.text).group(1))
     assert 10 <= latest < 15 and f"resumed from step {latest} and finished" in caplog.text
     assert "predicted step 1" in caplog.text
+    # it ends with an eval of the head with and without the sensor, and their comparison
+    for run in ("run_cached_head", "run_cached_head_nosensor"):
+        report = json.loads(next((demo / run / "eval").glob("*/eval.json")).read_text())
+        assert report["episodes"] == "val" and report["vl_source"].startswith("VL cache")
+    compared = json.loads((demo / "compare" / "compare.json").read_text())
+    assert compared["comparable"] and "sensor_enabled" in compared["columns"]
+    assert f"report {demo / 'compare' / 'compare.md'}" in caplog.text
     assert "demo finished" in caplog.text
