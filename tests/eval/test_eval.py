@@ -171,6 +171,14 @@ def test_bad_input_is_one_line(shared, train_data, learn_data, tmp_path):
     shutil.copytree(run / "checkpoints" / "best" / "policy", loose)
     refused("is not inside a training run", policy=loose, data=[str(train_data)])
     refused("no such directory", policy=tmp_path / "missing")
+    one_view = tmp_path / "one_view"  # the policy's View5 camera missing from the data
+    shutil.copytree(train_data, one_view)
+    for meta in one_view.glob("episodes/*/meta.json"):
+        m = json.loads(meta.read_text())
+        m["views"] = [v for v in m["views"] if v != "View5"]
+        meta.write_text(json.dumps(m))
+    refused(r"has no view\(s\) View5 .*the policy .* was trained on View1, View5", data=[str(one_view)],
+            episodes="all")
     before = sorted(p.name for p in run.iterdir())
     with pytest.raises(UsageError, match="is not an eval directory"):
         evaluate(EvalArgs(policy=str(run), output_dir=str(run), num_workers=0))

@@ -135,7 +135,11 @@ def prepare(args, rank: int, world: int, device) -> EvalJob:
     try:
         full = IntegratedDataset(data, load_images=False, load_sensor=False, **kw)
     except (FileNotFoundError, ValueError) as e:
-        raise UsageError(str(e)) from None
+        msg = str(e)
+        if views and msg.startswith("--views: "):  # the views are the policy's, not a flag of eval
+            msg = (f"--data: {msg.removeprefix('--views: ')}, and the policy ({located.policy_dir / 'config.json'}) "
+                   f"was trained on {', '.join(views)}; evaluate it on data recorded with those cameras")
+        raise UsageError(msg) from None
     if mcfg.sensor_enabled and any(full.episode_has_sensor) and full.sensor_channels != mcfg.sensor_input_channels:
         raise UsageError(f"--data {' '.join(data)}: the episodes hold {full.sensor_channels} sensor channels, the policy "
                          f"({located.policy_dir / 'config.json'}) reads {mcfg.sensor_input_channels}; evaluate it on "
