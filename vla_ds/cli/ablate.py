@@ -6,6 +6,7 @@ import logging
 import sys
 
 from vla_ds.cli.common import subcommand
+from vla_ds.eval.metrics import SUMMARY_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--nproc", type=int, default=1, help="processes per training (torchrun --nproc_per_node)")
     p.add_argument("--episodes", default="val", help="what each cell's eval scores (vla-ds eval --episodes)")
     p.add_argument("--metric", default="final_pos_err",
-                   choices=["final_pos_err", "pos_mae", "ang_mae", "final_ang_err", "progress_mae", "within_tol"],
+                   choices=SUMMARY_KEYS,
                    help="the metric the comparison sorts by")
 
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from vla_ds.cli.common import subcommand
+from vla_ds.eval.metrics import SUMMARY_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +21,7 @@ def add_parser(sub, name: str) -> None:
                                "as columns, with / without a sensor, and the yardsticks. See docs/evaluation.md.")
     p.add_argument("evals", nargs="+", metavar="RUN_OR_EVAL", help="run directories or eval directories")
     p.add_argument("--metric", default="final_pos_err",
-                   choices=["final_pos_err", "pos_mae", "ang_mae", "final_ang_err", "progress_mae", "within_tol"],
+                   choices=SUMMARY_KEYS,
                    help="the metric to sort by")
     p.add_argument("--output-dir", type=Path, default=argparse.SUPPRESS, metavar="DIR",
                    help="where compare.{md,json,png} go (unset: compare/ beside the first run)")

@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 
 from vla_ds.errors import UsageError
-from vla_ds.eval.report import LABELS, REPORT_FILE, nan_to_none, read_report
+from vla_ds.eval.report import LABELS, REPORT_FILE, fmt, nan_to_none, read_report
 from vla_ds.utils.io import atomic_dir
 
 log = logging.getLogger(__name__)
@@ -100,14 +100,6 @@ def compare(specs: list[str], metric: str = "final_pos_err") -> dict:
             "best": rows[0]["label"]}
 
 
-def _fmt(v) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "–"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return ", ".join(map(str, v)) if isinstance(v, list) else str(v)
-
-
 def markdown(result: dict) -> str:
     metric = result["metric"]
     cols = result["columns"]
@@ -121,9 +113,9 @@ def markdown(result: dict) -> str:
         lines += ["The runs' settings do not differ (or their config.yaml was not found).", ""]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for k, row in enumerate(result["rows"]):
-        cells = ["★" if k == 0 else "", row["label"], *(_fmt(row["settings"][c]) for c in cols),
-                 *(_fmt(row["policy"][m]) for m in METRICS), _fmt(row["sensor"]), _fmt(row["no_sensor"]),
-                 _fmt(row["zero_motion"]), _fmt(row["mean_chunk"]), str(row["samples"])]
+        cells = ["★" if k == 0 else "", row["label"], *(fmt(row["settings"][c]) for c in cols),
+                 *(fmt(row["policy"][m]) for m in METRICS), fmt(row["sensor"]), fmt(row["no_sensor"]),
+                 fmt(row["zero_motion"]), fmt(row["mean_chunk"]), str(row["samples"])]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Evals: " + "; ".join(f"{r['label']}: {r['eval']} ({r['checkpoint']})" for r in result["rows"])]
     return "\n".join(lines) + "\n"

@@ -34,6 +34,12 @@ def integrated(err: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.linalg.norm(np.cumsum(err * mask[..., None], axis=1), axis=2)
 
 
+def final_errors(err: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """(n,) integrated error norm at each sample's last valid step (samples without one left out)."""
+    last = np.maximum(mask.sum(axis=1) - 1, 0)
+    return integrated(err, mask)[np.arange(len(err)), last][mask.any(axis=1)]
+
+
 def dim_step_errors(pred: np.ndarray, target: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
     """{"mae": (H, A), "rmse": (H, A), "count": (H,)} over the valid (sample, step) pairs; NaN where a
     step has no valid pair."""
@@ -55,18 +61,13 @@ def summary(pred: np.ndarray, target: np.ndarray, mask: np.ndarray, tol: float) 
         return {**out, **{k: float("nan") for k in SUMMARY_KEYS}}
     err = pred - target
     abs_err = np.abs(err) * mask[..., None]
-    pos = integrated(err[..., POS], mask)
-    ang = integrated(err[..., ANG], mask)
-    last = np.maximum(mask.sum(axis=1) - 1, 0)  # each sample's last valid step
-    has = mask.any(axis=1)
-    rows = np.arange(len(pred))
     out.update(
         pos_mae=float(abs_err[..., POS].sum() / (3 * n_valid)),
         ang_mae=float(abs_err[..., ANG].sum() / (3 * n_valid)),
         progress_mae=float(abs_err[..., PROGRESS].sum() / n_valid),
-        final_pos_err=float(pos[rows, last][has].mean()),
-        final_ang_err=float(ang[rows, last][has].mean()),
-        within_tol=float(((pos <= tol) & mask).sum() / n_valid),
+        final_pos_err=float(final_errors(err[..., POS], mask).mean()),
+        final_ang_err=float(final_errors(err[..., ANG], mask).mean()),
+        within_tol=float(((integrated(err[..., POS], mask) <= tol) & mask).sum() / n_valid),
     )
     return out
 
@@ -83,7 +84,7 @@ def mean_chunk(chunks: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.where(count > 0, (chunks * mask[..., None]).sum(axis=0) / np.maximum(count, 1), 0.0)
 
 
-def _scored(pred, target, mask, chunk: np.ndarray, tol: float) -> dict[str, dict]:
+def scored(pred, target, mask, chunk: np.ndarray, tol: float) -> dict[str, dict]:
     """Summary of the policy and of each yardstick on the same samples."""
     out = {"policy": summary(pred, target, mask, tol)}
     for name, base in baselines(target, chunk).items():
@@ -102,16 +103,16 @@ def score(pred: np.ndarray, target: np.ndarray, mask: np.ndarray, has_sensor: np
     by_sensor = {}
     for name, sel in (("sensor", has_sensor), ("no_sensor", ~has_sensor)):
         if sel.any():
-            by_sensor[name] = _scored(pred[sel], target[sel], mask[sel], chunk, tol)
+            by_sensor[name] = scored(pred[sel], target[sel], mask[sel], chunk, tol)
     per_episode = {}
     for ep in dict.fromkeys(episode_ids):  # first-seen order (samples are sorted by id)
         sel = episodes == ep
-        per_episode[ep] = {"has_sensor": bool(has_sensor[sel].any()), **_scored(pred[sel], target[sel], mask[sel],
+        per_episode[ep] = {"has_sensor": bool(has_sensor[sel].any()), **scored(pred[sel], target[sel], mask[sel],
                                                                                 chunk, tol)}
     pos_by_step = {name: _integrated_by_step(p, target, mask)
                    for name, p in {"policy": pred, **baselines(target, chunk)}.items()}
     return {
-        "summary": _scored(pred, target, mask, chunk, tol),
+        "summary": scored(pred, target, mask, chunk, tol),
         "by_sensor": by_sensor,
         "per_episode": per_episode,
         "per_dim_step": {k: {m: v[m].tolist() for m in ("mae", "rmse")} for k, v in per_dim.items()},

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vla_ds.eval.metrics import ANG, DIM_UNITS, POS, PROGRESS, integrated
+from vla_ds.eval.metrics import ANG, DIM_UNITS, POS, PROGRESS, final_errors
 
 MIN_SPAN = 1.0  # robot units or degrees: the least y range of a trajectory panel
 COLORS = {"policy": "C0", "zero_motion": "C7", "mean_chunk": "C1"}
@@ -53,13 +53,6 @@ def plot_errors(results: dict, path: Path) -> None:
     _save(fig, path)
 
 
-def final_errors(pred: np.ndarray, target: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """(N,) integrated position error at each sample's last valid step."""
-    pos = integrated((pred - target)[..., POS], mask)
-    last = np.maximum(mask.sum(axis=1) - 1, 0)
-    return pos[np.arange(len(pos)), last][mask.any(axis=1)]
-
-
 def plot_histogram(results: dict, preds, path: Path) -> None:
     from vla_ds.eval.metrics import baselines
 
@@ -67,7 +60,7 @@ def plot_histogram(results: dict, preds, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     chunk = np.asarray(results["mean_chunk"], dtype=float)
     series = {"policy": preds.pred, **baselines(preds.target, chunk)}
-    errs = {name: final_errors(p, preds.target, preds.mask) for name, p in series.items()}
+    errs = {name: final_errors((p - preds.target)[..., POS], preds.mask) for name, p in series.items()}
     top = max(float(e.max()) if len(e) else 0.0 for e in errs.values()) or 1.0
     bins = np.linspace(0, top, 30)
     for name, e in errs.items():

@@ -28,14 +28,17 @@ LABELS = {"pos_mae": "pos MAE", "ang_mae": "ang MAE (deg)", "progress_mae": "pro
 MODELS = ("policy", "zero_motion", "mean_chunk")
 
 
-def _fmt(v) -> str:
+def fmt(v) -> str:
+    """A table cell: 4 significant digits, "–" for none / NaN, lists comma-joined."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "–"
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return ", ".join(map(str, v)) if isinstance(v, list) else str(v)
 
 
 def summary_rows(scored: dict, label: str = "") -> list[str]:
-    return [f"| {label}{m} | {scored[m]['samples']} | " + " | ".join(_fmt(scored[m][k]) for k in SUMMARY_KEYS) + " |"
+    return [f"| {label}{m} | {scored[m]['samples']} | " + " | ".join(fmt(scored[m][k]) for k in SUMMARY_KEYS) + " |"
             for m in MODELS]
 
 
@@ -62,15 +65,15 @@ def markdown(r: dict) -> str:
               "| step | " + " | ".join(f"{d} ({u})" if u else d for d, u in zip(DIM_NAMES, DIM_UNITS)) + " |",
               "|" + "---|" * (len(DIM_NAMES) + 1)]
     for h, row in enumerate(m["per_dim_step"]["policy"]["mae"]):
-        lines.append(f"| {h + 1} | " + " | ".join(_fmt(v) for v in row) + " |")
+        lines.append(f"| {h + 1} | " + " | ".join(fmt(v) for v in row) + " |")
     lines += ["", "## Per episode (policy; zero motion / mean chunk final pos err)", "",
               "| episode | sensor | samples | pos MAE | final pos err | within tol | zero motion | mean chunk |",
               "|---|---|---|---|---|---|---|---|"]
     for ep, s in m["per_episode"].items():
         p = s["policy"]
-        lines.append(f"| {ep} | {'yes' if s['has_sensor'] else 'no'} | {p['samples']} | {_fmt(p['pos_mae'])} | "
-                     f"{_fmt(p['final_pos_err'])} | {_fmt(p['within_tol'])} | "
-                     f"{_fmt(s['zero_motion']['final_pos_err'])} | {_fmt(s['mean_chunk']['final_pos_err'])} |")
+        lines.append(f"| {ep} | {'yes' if s['has_sensor'] else 'no'} | {p['samples']} | {fmt(p['pos_mae'])} | "
+                     f"{fmt(p['final_pos_err'])} | {fmt(p['within_tol'])} | "
+                     f"{fmt(s['zero_motion']['final_pos_err'])} | {fmt(s['mean_chunk']['final_pos_err'])} |")
     return "\n".join(lines) + "\n"
 
 

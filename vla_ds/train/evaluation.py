@@ -69,7 +69,7 @@ class InTrainingEval:
 
     def __call__(self) -> dict:
         """Collective. {"eval/<metric>": ...} of the policy now (the same on every rank)."""
-        from vla_ds.eval.metrics import summary
+        from vla_ds.eval.metrics import scored
         from vla_ds.eval.run import Predictions, gather_predictions, predict_dataset
 
         t, cfg = self.trainer, self.trainer.cfg
@@ -79,13 +79,11 @@ class InTrainingEval:
         preds = gather_predictions(mine, t.world, cfg.model.horizon, cfg.model.action_dim)
         row = {}
         if t.rank == 0:
-            sets = {"": slice(None), "sensor/": preds.has_sensor, "no_sensor/": ~preds.has_sensor}
-            for prefix, sel in sets.items():
+            for prefix, sel in (("", slice(None)), ("sensor/", preds.has_sensor), ("no_sensor/", ~preds.has_sensor)):
                 if np.asarray(preds.has_sensor[sel]).size:
-                    s = summary(preds.pred[sel], preds.target[sel], preds.mask[sel], self.tol)
-                    row.update({f"eval/{prefix}{k}": v for k, v in s.items() if k != "samples"})
-            zero = summary(np.zeros_like(preds.target), preds.target, preds.mask, self.tol)
-            mean = summary(np.broadcast_to(self.chunk, preds.target.shape), preds.target, preds.mask, self.tol)
-            row.update({"eval/zero_motion/final_pos_err": zero["final_pos_err"],
-                        "eval/mean_chunk/final_pos_err": mean["final_pos_err"], "eval/samples": len(preds.sample_ids)})
+                    s = scored(preds.pred[sel], preds.target[sel], preds.mask[sel], self.chunk, self.tol)
+                    row.update({f"eval/{prefix}{k}": v for k, v in s["policy"].items() if k != "samples"})
+                    if not prefix:
+                        row.update({f"eval/{m}/final_pos_err": s[m]["final_pos_err"] for m in ("zero_motion", "mean_chunk")})
+            row["eval/samples"] = len(preds.sample_ids)
         return share(row, t.world)
