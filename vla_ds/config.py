@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from vla_ds.errors import near_miss
+from vla_ds.model import config as mc
 from vla_ds.model.config import ModelConfig
 
 SCHED_ON = ("step", "epoch")
@@ -136,7 +137,11 @@ MODEL_HELP = {
     "sensor_enabled": "use the OCT/FPI sensor (off: the sensor is ignored even when present)",
     "sensor_output_dim": "width of the sensor tokens",
     "fusion_strategy": "how VL and sensor features meet",
-    "action_loss": "regression loss on normalized actions",
+    "action_loss": "elementwise loss on normalized actions (flow: on the velocity)",
+    "action_head": "regression: one chunk per observation; flow: flow matching, sampled from noise (docs/model.md)",
+    "flow_steps": "Euler steps a flow head integrates from noise to a chunk",
+    "state_enabled": "give the policy the frame's robot state (--state-keys) as one more memory token",
+    "state_keys": "robot state the policy reads: pose (x,y,z,a,b,r), joints (6 angles)",
     "min_pixels": "lower bound of image pixels (vision tokens scale with pixels/784)",
     "max_pixels": "upper bound of image pixels",
     "vl_tokens": "VL tokens the expert attends over, live and in a VL cache alike: -1 every token, 0 the pooled "
@@ -240,16 +245,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
                     kw["nargs"] = f.metadata.get("nargs", "+")
                 if "choices" in f.metadata:
                     kw["choices"] = f.metadata["choices"]
-                elif f.name in ("finetune_vl", "fusion_strategy", "action_loss", "attn_implementation", "dtype"):
-                    from vla_ds.model import config as mc
-
-                    kw["choices"] = {
-                        "finetune_vl": mc.FINETUNE_MODES,
-                        "fusion_strategy": mc.FUSION_STRATEGIES,
-                        "action_loss": mc.ACTION_LOSSES,
-                        "attn_implementation": mc.ATTN_IMPLEMENTATIONS,
-                        "dtype": mc.DTYPES,
-                    }[f.name]
+                elif f.name in mc.CHOICES:
+                    kw["choices"] = mc.CHOICES[f.name]
                 if "choices" in kw:
                     kw.pop("metavar")
             grp.add_argument(*names, **kw)
@@ -373,7 +370,7 @@ def check_inputs(cfg: TrainConfig, origin: dict | None = None) -> None:
     m, run = cfg.model, cfg.run
     dirs = find_episode_dirs(cfg.data.data) if cfg.data.data else []
     check_fit(cfg.data.data, dirs, cfg.data.stats, m.action_dim, m.sensor_input_channels if m.sensor_enabled else None,
-              origin)
+              origin, m.state_key_names() if m.state_enabled else ())
     check_backbone(m.backbone)
     for name, spec in (("init_from", run.init_from), ("resume", None if run.resume in ("auto", "none") else run.resume)):
         if spec and not Path(spec).exists():

@@ -42,6 +42,10 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--other-stats", action="store_true",
                    help="evaluate although --data's stats.json differs from the policy's (other sessions)")
     p.add_argument("--max-plots", type=int, default=12, help="trajectory PNGs, one per episode")
+    p.add_argument("--seed", type=int, default=0,
+                   help="a flow head's starting noise (per sample: any batch size or world size gives the same chunks)")
+    p.add_argument("--flow-steps", type=int, default=argparse.SUPPRESS, metavar="N",
+                   help="a flow head's Euler steps (unset: the policy's --flow-steps)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
                          num_workers=args.num_workers, tol=args.tol, max_samples=args.max_samples,
                          backbone=getattr(args, "backbone", None), cache_policy=args.cache_policy,
                          cache_dir=getattr(args, "cache_dir", None), other_stats=args.other_stats,
-                         max_plots=args.max_plots)
+                         max_plots=args.max_plots, seed=args.seed, flow_steps=getattr(args, "flow_steps", None))
     with process_group_cleanup():
         results = evaluate(eval_args)
     if "output_dir" in results:

@@ -1,6 +1,7 @@
 """The batch format: `collate` (what the DataLoader hands the trainer) and the two sensor forms.
 
-A batch is a dict: `actions` (B, H, 7), `action_mask` (B, H), `has_sensor` (B,), `instructions`,
+A batch is a dict: `actions` (B, H, 7), `action_mask` (B, H), `has_sensor` (B,), `state` (B, 12) and
+`state_mask` (B, 2) (the robot state, vla_ds/data/state.py), `instructions`,
 `sample_ids`, `episode_ids`, and `images` (live mode) or `vl_pooled` / `vl_tokens` (cache mode).
 The sensor is sparse: `sensor` (n, T, C) and `sensor_mask` (n, T) hold the windows of the n
 samples that have one, in batch order, and `sensor_rows` (n,) their positions in the batch; a batch
@@ -79,7 +80,8 @@ def collate(samples: list[dict]) -> Batch:
     shared memory, so they cross to the main process without extra copies (a plain torch.stack
     made the 2-worker loader ~5x slower); the small tensors are stacked in ordinary memory and
     sent by value (`Batch`)."""
-    batch = Batch({k: _stack([s[k] for s in samples]) for k in ("actions", "action_mask") if k in samples[0]})
+    batch = Batch({k: _stack([s[k] for s in samples]) for k in ("actions", "action_mask", "state", "state_mask")
+                   if k in samples[0]})
     sensed = [i for i, s in enumerate(samples) if "sensor" in s]
     if sensed:
         batch["sensor"] = _stack([samples[i]["sensor"] for i in sensed])

@@ -19,6 +19,9 @@ A sample is frame `t` of an episode (every frame that has a next frame). It retu
                 a dense zero window for each was 91 % of a batch's bytes.
   sensor_mask   (T,) bool, True for valid rows (beside `sensor`)
   has_sensor    bool
+  state         (12,) float32: the robot's pose (x, y, z, a, b, r) and joints (6 angles) at frame t,
+                raw (vla_ds/data/state.py; the policy encodes and normalizes them)
+  state_mask    (2,) bool: pose, joints present (joints False for an episode recorded without them)
   sample_id     "<episode_id>:<frame index, 6 digits>" (stable: the VL cache keys on it)
   episode_id    str
 
@@ -213,13 +216,15 @@ class IntegratedDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         if not 0 <= i < len(self):
             raise IndexError(i)
-        ep = self.episodes[self._ep[i]]
+        ep, t = self.episodes[self._ep[i]], int(self._frame[i])
         actions, action_mask = self.actions(i)
         item = {
             "instruction": ep.meta.instruction,
             "actions": torch.from_numpy(actions),
             "action_mask": torch.from_numpy(action_mask),
             "has_sensor": bool(self.sample_has_sensor[i]),
+            "state": torch.from_numpy(np.concatenate([ep.frames.pose[t], ep.frames.joints[t]]).astype(np.float32)),
+            "state_mask": torch.tensor([True, ep.meta.has_joints]),
             "sample_id": self.sample_id(i),
             "episode_id": ep.meta.episode_id,
         }

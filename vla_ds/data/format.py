@@ -63,6 +63,9 @@ class EpisodeMeta:
     sensor: dict | None = None  # {"rows": R, "channels": C, "dtype": "float16"}
     dropped: dict = field(default_factory=dict)  # reason -> count
     missing_views: dict = field(default_factory=dict)  # view -> frames without that view
+    # False: the recording has no joint angles (Layout B frames without robot_state.joint_angles);
+    # frames.json then holds zeros, and the state input sees the joints as absent
+    has_joints: bool = True
     format_version: int = FORMAT_VERSION
 
     @classmethod

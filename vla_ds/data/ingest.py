@@ -286,6 +286,7 @@ def write_episode(raw: RawEpisode, dataset_dir: Path, opts: IngestOptions, instr
             sensor=sensor_info if has_sensor else None,
             dropped={k: v for k, v in dropped.items() if v},
             missing_views={v: sum(p is None for p in col) for v, col in table.images.items() if any(p is None for p in col)},
+            has_joints=raw.has_joints,
         )
         meta.save(tmp)
     return {"episode_id": episode_id, "status": "written", **_counts(meta)}

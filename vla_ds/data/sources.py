@@ -52,6 +52,7 @@ class RawEpisode:
     dropped: Counter = field(default_factory=Counter)
     frame_spacing_s: float = 0.0
     sensor_ascan: int = 0  # A-scan samples per sensor row (alines width)
+    has_joints: bool = True  # False: recorded without joint angles (`joints` is zeros)
 
 
 # ----------------------------------------------------------------------------- shared helpers
@@ -255,13 +256,14 @@ def _read_frame_list(path: Path) -> list[dict]:
         raise SourceError(f"{path}: expected a JSON list of frames, got {type(data).__name__}")
     for i, fr in enumerate(data):
         try:
-            fr["timestamp"], fr["image"], fr["robot_state"]["ee_pose"], fr["robot_state"]["joint_angles"]
+            fr["timestamp"], fr["image"], fr["robot_state"]["ee_pose"]
         except (KeyError, TypeError):
-            raise SourceError(f"{path}: frame {i} lacks timestamp/image/robot_state.ee_pose/joint_angles") from None
-        if len(fr["robot_state"]["ee_pose"]) != 6 or len(fr["robot_state"]["joint_angles"]) != 6:
+            raise SourceError(f"{path}: frame {i} lacks timestamp/image/robot_state.ee_pose") from None
+        joints = fr["robot_state"].get("joint_angles", [0.0] * 6)  # optional: see read_session_b
+        if len(fr["robot_state"]["ee_pose"]) != 6 or len(joints) != 6:
             raise SourceError(f"{path}: frame {i} ee_pose/joint_angles must have 6 values")
         try:
-            values = np.asarray([fr["timestamp"], *fr["robot_state"]["ee_pose"], *fr["robot_state"]["joint_angles"]], np.float64)
+            values = np.asarray([fr["timestamp"], *fr["robot_state"]["ee_pose"], *joints], np.float64)
         except (TypeError, ValueError):
             values = np.array([np.nan])
         if not np.isfinite(values).all():
@@ -329,7 +331,14 @@ def read_session_b(folder: Path, tolerance_s: float = 0.05, skip_bad: bool = Fal
     ref = lists[reference]
     pose = np.asarray([fr["robot_state"]["ee_pose"] for fr in ref], np.float64)
     pose[:, list(ANGLE_DIMS)] = wrap_degrees(pose[:, list(ANGLE_DIMS)])
-    joints = np.asarray([fr["robot_state"]["joint_angles"] for fr in ref], np.float64)
+    # Joint angles are optional in a frame list: an episode has them on every frame or not at all
+    # (the state input then sees them as absent); never zeros passed off as a reading.
+    without = sum("joint_angles" not in fr["robot_state"] for fr in ref)
+    if without:
+        log.warning("%s: %d of %d frames have no robot_state.joint_angles: the episode is ingested without joints",
+                    folder, without, len(ref))
+    joints = (np.zeros((len(ref), 6)) if without else
+              np.asarray([fr["robot_state"]["joint_angles"] for fr in ref], np.float64))
     npzs = sorted(folder.glob("sensor_data_*.npz"))
     sensor_npz, window, ascan = None, None, 0
     if npzs:
@@ -342,7 +351,7 @@ def read_session_b(folder: Path, tolerance_s: float = 0.05, skip_bad: bool = Fal
     files = jsons + [p for col in images.values() for p in col if p is not None] + npzs[:1]
     return RawEpisode(
         "B", folder, files, times[reference], pose, joints, images, sensor_npz, window, dropped,
-        _median_spacing(times[reference]), ascan,
+        _median_spacing(times[reference]), ascan, has_joints=not without,
     )
 
 

@@ -8,6 +8,10 @@ Actions are normalized per dimension with z-scores (mean/std); q01/q99 are kept 
 and clipping. The sensor's channel 0 is the force and channels 1..1025 the A-scan samples: force
 gets its own scalar mean/std, the A-scan per-channel mean/std, so the one force channel is not
 drowned by 1025 A-scan channels in a shared statistic.
+
+The robot state (`--state-enabled`) is normalized per feature after its angle encoding
+(vla_ds/model/state.py: x, y, z and sin/cos of each angle): `state_mean` / `state_std` map a state
+key (pose, joints) to its features' statistics over every frame that has it.
 """
 from __future__ import annotations
 
@@ -38,6 +42,9 @@ class NormStats:
     # Sensor: (C,) vectors, channel 0 = force, 1.. = A-scan. None when no sensor data was seen.
     sensor_mean: list[float] | None = None
     sensor_std: list[float] | None = None
+    # Robot state: {key: per-feature list}; None in a stats.json written before vla-ds read the state.
+    state_mean: dict[str, list[float]] | None = None
+    state_std: dict[str, list[float]] | None = None
     counts: dict = field(default_factory=dict)
     version: int = STATS_VERSION
 
@@ -66,6 +73,15 @@ class NormStats:
         if len(self.sensor_mean) != channels:
             raise ValueError(f"stats: sensor stats have {len(self.sensor_mean)} channels, the model expects {channels}")
         return np.asarray(self.sensor_mean, np.float32), np.maximum(np.asarray(self.sensor_std, np.float32), MIN_STD)
+
+    def state_arrays(self, key: str, features: int) -> tuple[np.ndarray, np.ndarray]:
+        """(mean, std) of state key `key`'s `features` features; identity (0, 1) when the stats hold none."""
+        if not self.state_mean or key not in self.state_mean:
+            return np.zeros(features, np.float32), np.ones(features, np.float32)
+        if len(self.state_mean[key]) != features:
+            raise ValueError(f"stats: state {key} has {len(self.state_mean[key])} features, the model reads {features}")
+        return (np.asarray(self.state_mean[key], np.float32),
+                np.maximum(np.asarray(self.state_std[key], np.float32), MIN_STD))
 
     @classmethod
     def identity(cls, action_dim: int = 7, sensor_channels: int | None = None) -> NormStats:
@@ -113,11 +129,12 @@ def stats_path(stats: str | None, data: list[str]) -> Path | None:
 
 
 def check_fit(data: list[str], episode_dirs: list[Path], stats: str | None, action_dim: int,
-              sensor_channels: int | None, origin: dict | None = None) -> None:
+              sensor_channels: int | None, origin: dict | None = None, state_keys: tuple[str, ...] = ()) -> None:
     """Before a run loads anything: the episodes' sensor channels and the stats file (--stats, else
     beside --data) fit a model of `action_dim` actions and `sensor_channels` sensor channels (None:
     sensor off); else a one-line UsageError naming the files, the flag and the fix. `origin` maps a
-    setting to where it was set (e.g. {"sensor_input_channels": " (from --config run.yaml)"})."""
+    setting to where it was set (e.g. {"sensor_input_channels": " (from --config run.yaml)"}).
+    `state_keys` (--state-enabled): the stats must hold their statistics."""
     from vla_ds.data.format import EpisodeMeta
 
     origin, flag = origin or {}, "--sensor-input-channels"
@@ -148,23 +165,30 @@ def check_fit(data: list[str], episode_dirs: list[Path], stats: str | None, acti
         raise UsageError(f"{label}{path}: sensor statistics for {len(s.sensor_mean)} channels, but {model} (--data "
                          f"{' '.join(map(str, data))}); recompute them with `vla-ds stats DATASET_DIR` or pass {flag} "
                          f"{len(s.sensor_mean)}")
+    missing = [k for k in state_keys if k not in (s.state_mean or {})]
+    if missing:
+        raise UsageError(f"{label}{path}: no robot-state statistics for {', '.join(missing)} (written before vla-ds read "
+                         "the state); recompute them with `vla-ds stats DATASET_DIR`, or drop --state-enabled")
 
 
 def compute_stats(data: list[str | os.PathLike], chunk_rows: int = 16384) -> NormStats:
     """Action and sensor statistics over every episode under `data` (streams the sensor files)."""
     from vla_ds.data.dataset import episode_actions
     from vla_ds.data.format import FRAMES_FILE, SENSOR_FILE, EpisodeMeta, FrameTable, find_episode_dirs
+    from vla_ds.data.state import state_statistics
 
-    actions, n_sensor_rows = [], 0
+    actions, states, n_sensor_rows = [], [], 0
     s1 = s2 = None
     episodes = find_episode_dirs(data)
     for d in episodes:
         meta = EpisodeMeta.load(d)
-        pose = FrameTable.load(d).pose
+        frames = FrameTable.load(d)
+        pose = frames.pose
         if not np.isfinite(pose).all():
             raise UsageError(f"{Path(d) / FRAMES_FILE}: NaN/inf in the pose of frame {int(np.argmin(np.isfinite(pose).all(1)))}; "
                              f"re-ingest its source ({meta.source.get('path')}) with `vla-ds preprocess`")
         actions.append(episode_actions(pose))
+        states.append((pose, frames.joints if meta.has_joints else None))
         if not meta.has_sensor:
             continue
         mm = np.load(Path(d) / SENSOR_FILE, mmap_mode="r")
@@ -189,6 +213,7 @@ def compute_stats(data: list[str | os.PathLike], chunk_rows: int = 16384) -> Nor
         sensor_mean, sensor_std = mean.tolist(), std.tolist()
         counts["force_mean_std"] = [float(mean[0]), float(std[0])]
         counts["ascan_mean_std"] = [float(mean[1:].mean()), float(np.sqrt(np.mean(std[1:] ** 2)))]
+    state_mean, state_std = state_statistics(states)
     return NormStats(
         action_mean=a.mean(0).tolist(),
         action_std=a.std(0).tolist(),
@@ -196,5 +221,7 @@ def compute_stats(data: list[str | os.PathLike], chunk_rows: int = 16384) -> Nor
         action_q99=np.quantile(a, 0.99, axis=0).tolist(),
         sensor_mean=sensor_mean,
         sensor_std=sensor_std,
+        state_mean=state_mean,
+        state_std=state_std,
         counts=counts,
     )

@@ -43,6 +43,8 @@ class EvalArgs:
     cache_dir: str | None = None  # default: the run's
     other_stats: bool = False  # evaluate although --data's stats.json differs from the policy's
     max_plots: int = 12  # trajectory PNGs (one per episode)
+    seed: int = 0  # a flow head's starting noise, per sample (vla_ds/model/flow.py sample_noise)
+    flow_steps: int | None = None  # a flow head's Euler steps (default: the policy's --flow-steps)
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -51,6 +53,8 @@ class EvalArgs:
             raise UsageError(f"--tol must be > 0 (robot units), got {self.tol}")
         if self.cache_policy not in ("auto", "off", "require"):
             raise UsageError(f"--cache-policy {self.cache_policy}: choose auto, off or require")
+        if self.flow_steps is not None and self.flow_steps < 1:
+            raise UsageError(f"--flow-steps must be >= 1, got {self.flow_steps}")
         if self.max_samples < 0 or self.num_workers < 0 or self.max_plots < 0:
             raise UsageError("--max-samples, --num-workers and --max-plots must be >= 0")
 
@@ -92,13 +96,16 @@ def subsample(n: int, max_samples: int) -> list[int]:
 
 @torch.no_grad()
 def predict_dataset(policy, dataset, batch_size: int, num_workers: int, indices: list[int] | None = None,
-                    desc: str = "eval", forward=None) -> Predictions:
+                    desc: str = "eval", forward=None, seed: int = 0) -> Predictions:
     """The policy's denormalized chunks for `dataset` (items with recorded actions), batched, in eval
     mode (bf16 autocast on CUDA); the recorded actions are kept aside, never shown to the policy.
-    `forward` (default: the policy) runs a batch: the trainer passes its DeepSpeed engine."""
+    `forward` (default: the policy) runs a batch: the trainer passes its DeepSpeed engine. A flow
+    head starts each sample from noise seeded by (`seed`, sample id): any batching or world size
+    gives the same chunks."""
     from torch.utils.data import DataLoader, Subset
 
     from vla_ds.data.batch import collate
+    from vla_ds.model.flow import sample_noise
     from vla_ds.utils.progress import progress
 
     indices = list(range(len(dataset))) if indices is None else indices
@@ -112,6 +119,8 @@ def predict_dataset(policy, dataset, batch_size: int, num_workers: int, indices:
         with progress(total=len(indices), desc=desc, unit="sample") as bar:
             for batch in loader:
                 target, mask = batch.pop("actions"), batch.pop("action_mask")
+                if policy.config.action_head == "flow":
+                    batch["flow_noise"] = sample_noise(batch["sample_ids"], *target.shape[1:], seed)
                 with autocast:
                     out = (forward or policy)(batch)
                 pred = policy.normalizer.denormalize_actions(out.actions).cpu()
@@ -158,7 +167,8 @@ def evaluate(args: EvalArgs) -> dict:
     out = Path(args.output_dir) if args.output_dir else default_output_dir(job.located)
     check_output_dir(out)
     mine = (predict_dataset(job.policy, job.dataset, args.batch_size, args.num_workers,
-                            subsample(len(job.dataset), -(-args.max_samples // world) if args.max_samples else 0))
+                            subsample(len(job.dataset), -(-args.max_samples // world) if args.max_samples else 0),
+                            seed=args.seed)
             if job.dataset is not None else Predictions.empty())
     preds = gather_predictions(mine, world, job.horizon, job.action_dim)
     results = job.results(preds, args.tol)

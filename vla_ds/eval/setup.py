@@ -31,6 +31,7 @@ class EvalJob:
     vl_source: str  # "live backbone" or "VL cache DIR"
     horizon: int
     action_dim: int
+    seed: int = 0  # a flow head's noise seed
 
     def results(self, preds, tol: float) -> dict:
         """eval.json's content for the gathered predictions."""
@@ -46,6 +47,9 @@ class EvalJob:
             "sensor_samples": int(preds.has_sensor.sum()), "tol": tol, "horizon": self.horizon,
             "dims": list(DIM_NAMES), "units": list(DIM_UNITS), "mean_chunk": self.chunk.tolist(),
             "mean_chunk_source": self.chunk_source, "vl_source": self.vl_source,
+            "action_head": self.policy.config.action_head,
+            **({"flow_steps": self.policy.config.flow_steps, "seed": self.seed}
+               if self.policy.config.action_head == "flow" else {}),
             "metrics": score(preds.pred, preds.target, preds.mask, preds.has_sensor, preds.episode_ids,
                              self.chunk, tol),
         }
@@ -157,6 +161,11 @@ def prepare(args, rank: int, world: int, device) -> EvalJob:
     reader = _open_cache(args, run_cfg, mcfg, data, sample_ids) if mcfg.finetune_vl == "none" else None
     policy = QwenVLA.from_pretrained(located.policy_dir, backbone=args.backbone, device=device,
                                      load_backbone=reader is None)
+    if args.flow_steps is not None:
+        if mcfg.action_head != "flow":
+            raise UsageError(f"--flow-steps: {located.policy_dir} has a {mcfg.action_head} head, which samples "
+                             "nothing; leave the flag out")
+        policy.config.flow_steps = args.flow_steps
     dataset = None
     if mine:
         sensor = dict(sensor_channels=mcfg.sensor_input_channels) if mcfg.sensor_enabled else {}
@@ -165,4 +174,5 @@ def prepare(args, rank: int, world: int, device) -> EvalJob:
         if reader is not None:
             dataset = CachedDataset(dataset, reader)
     return EvalJob(located, policy, dataset, ids, args.episodes, data, chunk, chunk_source,
-                   f"VL cache {reader.dir}" if reader is not None else "live backbone", mcfg.horizon, mcfg.action_dim)
+                   f"VL cache {reader.dir}" if reader is not None else "live backbone", mcfg.horizon, mcfg.action_dim,
+                   args.seed)

@@ -1,4 +1,4 @@
-"""The action expert and the masked action loss.
+"""The regression action expert, the decoder it shares with the flow head, and the masked loss.
 
 The expert owns one learned query per horizon step; the queries self-attend and cross-attend to
 the fused memory through a pre-norm transformer decoder, and a linear layer reads out
@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 
-class ActionExpert(nn.Module):
-    """Learned horizon queries -> transformer decoder over the memory -> (B, H, A)."""
+class QueryDecoder(nn.Module):
+    """Learned horizon queries -> pre-norm transformer decoder over the memory -> (B, H, A): the
+    body both action heads share (the flow head adds the noisy chunk and the time to the queries)."""
 
     def __init__(self, horizon: int = 8, action_dim: int = 7, width: int = 512, num_layers: int = 4,
                  num_heads: int = 8, dropout: float = 0.1):
@@ -24,11 +25,20 @@ class ActionExpert(nn.Module):
         self.decoder = nn.TransformerDecoder(layer, num_layers, norm=nn.LayerNorm(width))
         self.out = nn.Linear(width, action_dim)
 
+    def decode(self, memory: torch.Tensor, memory_mask: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        """The queries (+ `extra` (B, H, E)) through the decoder -> (B, H, A)."""
+        queries = self.queries.to(memory.dtype).unsqueeze(0).expand(memory.shape[0], -1, -1)
+        if extra is not None:
+            queries = queries + extra
+        return self.out(self.decoder(queries, memory, memory_key_padding_mask=~memory_mask))
+
+
+class ActionExpert(QueryDecoder):
+    """`--action-head regression`: the queries alone -> one chunk (B, H, A) per observation."""
+
     def forward(self, memory: torch.Tensor, memory_mask: torch.Tensor) -> torch.Tensor:
         """`memory` (B, L, E), `memory_mask` (B, L) bool True = attend -> actions (B, H, A)."""
-        queries = self.queries.to(memory.dtype).unsqueeze(0).expand(memory.shape[0], -1, -1)
-        h = self.decoder(queries, memory, memory_key_padding_mask=~memory_mask)
-        return self.out(h)
+        return self.decode(memory, memory_mask)
 
 
 def masked_action_loss(pred: torch.Tensor, target: torch.Tensor, step_mask: torch.Tensor,

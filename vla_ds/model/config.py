@@ -10,12 +10,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 from vla_ds.data.format import SENSOR_CHANNELS
+from vla_ds.data.state import STATE_KEYS
 
 FINETUNE_MODES = ("none", "lora", "full")
 FUSION_STRATEGIES = ("concat", "cross_attention", "gated", "none")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ACTION_LOSSES = ("mse", "l1")
+ACTION_HEADS = ("regression", "flow")
 ALL_LINEAR = "all-linear"
 # The VL tokens a frozen backbone's policy attends over by default (--vl-tokens auto with
 # --finetune-vl none): 1 text token + 8 pooled tokens per view for 2 views, the layout of a VL cache.
@@ -77,6 +79,15 @@ class ModelConfig:
     horizon: int = 8
     action_dim: int = 7
     action_loss: str = "mse"  # elementwise loss in normalized action space: mse | l1
+    # regression: one chunk per observation (the loss above on the chunk); flow: conditional flow
+    # matching (the loss above on the velocity), sampled with `flow_steps` Euler steps from noise.
+    action_head: str = "regression"
+    flow_steps: int = 10
+
+    # --- robot state ------------------------------------------------------------------------------
+    # The frame's own pose/joints as one more memory token (vla_ds/model/state.py); off by default.
+    state_enabled: bool = False
+    state_keys: str = "pose,joints"
 
     def __post_init__(self):
         _choice("finetune_vl", self.finetune_vl, FINETUNE_MODES)
@@ -84,11 +95,12 @@ class ModelConfig:
         _choice("attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
         _choice("dtype", self.dtype, DTYPES)
         _choice("action_loss", self.action_loss, ACTION_LOSSES)
+        _choice("action_head", self.action_head, ACTION_HEADS)
         if not str(self.backbone).strip():
             raise ValueError("--backbone is empty; give a Qwen2.5-VL model directory or hub id")
         for name in ("lora_r", "lora_alpha", "sensor_temporal_length", "sensor_hidden_dim", "sensor_output_dim",
                      "sensor_num_heads", "expert_hidden_dim", "expert_num_layers", "expert_num_heads",
-                     "horizon", "action_dim"):
+                     "horizon", "action_dim", "flow_steps"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"--{_flag(name)} must be >= 1 (got {getattr(self, name)})")
         for name in ("unfreeze_last_n", "train_vision_blocks", "sensor_conv_blocks", "sensor_num_layers"):
@@ -118,6 +130,10 @@ class ModelConfig:
         if self.vl_tokens is not None and (self.vl_tokens < -1 or self.vl_tokens == 1):
             raise ValueError(f"--vl-tokens {self.vl_tokens}: use -1 (every VL token), 0 (the pooled vector) or "
                              "K >= 2 (K pooled tokens: each view's image tokens on a grid + 1 text token)")
+        keys = self.state_key_names()
+        unknown = [k for k in keys if k not in STATE_KEYS]
+        if unknown or not keys or len(set(keys)) != len(keys):
+            raise ValueError(f"--state-keys {self.state_keys!r}: give distinct names among {','.join(STATE_KEYS)}")
         if not self.lora_target_names():
             raise ValueError("--lora-targets is empty; give e.g. q_proj,k_proj,v_proj,o_proj or all-linear")
 
@@ -153,6 +169,10 @@ class ModelConfig:
             raise ValueError(f"--lora-targets: {ALL_LINEAR} cannot be combined with other names ({self.lora_targets})")
         return names
 
+    def state_key_names(self) -> tuple[str, ...]:
+        """`state_keys` as a tuple, in the order given (e.g. ("pose", "joints"))."""
+        return tuple(k.strip() for k in str(self.state_keys).split(",") if k.strip())
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -164,6 +184,11 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"{source}: unknown model settings {unknown}; was it written by a newer vla-ds?")
         return cls(**d)
+
+
+# The fields whose value is one of a fixed set (the CLI's `choices`).
+CHOICES = {"finetune_vl": FINETUNE_MODES, "fusion_strategy": FUSION_STRATEGIES, "action_loss": ACTION_LOSSES,
+           "action_head": ACTION_HEADS, "attn_implementation": ATTN_IMPLEMENTATIONS, "dtype": DTYPES}
 
 
 def _flag(name: str) -> str:

@@ -13,9 +13,13 @@ from vla_ds.data.stats import NormStats
 
 
 class Normalizer:
-    """z-score (de)normalization of actions (per dim) and sensor windows (per channel)."""
+    """z-score (de)normalization of actions (per dim), sensor windows (per channel) and robot-state
+    features (per feature of each key in `state_keys`)."""
 
-    def __init__(self, stats: NormStats, action_dim: int, sensor_channels: int | None = None):
+    def __init__(self, stats: NormStats, action_dim: int, sensor_channels: int | None = None,
+                 state_keys: tuple[str, ...] = ()):
+        from vla_ds.data.state import FEATURES
+
         if stats.action_dim != action_dim:
             raise ValueError(f"stats: {stats.action_dim} action dims, the model predicts --action-dim {action_dim}")
         self.stats = stats
@@ -25,6 +29,9 @@ class Normalizer:
             s_mean, s_std = stats.sensor_arrays(sensor_channels)
             self._cpu["sensor_mean"] = torch.from_numpy(s_mean)
             self._cpu["sensor_std"] = torch.from_numpy(s_std)
+        for key in state_keys:
+            k_mean, k_std = stats.state_arrays(key, FEATURES[key])
+            self._cpu[f"state_{key}_mean"], self._cpu[f"state_{key}_std"] = torch.from_numpy(k_mean), torch.from_numpy(k_std)
         self._on: dict[torch.device, dict[str, torch.Tensor]] = {}
 
     def _get(self, name: str, device: torch.device) -> torch.Tensor:
@@ -45,3 +52,8 @@ class Normalizer:
         d = sensor.device
         x = (sensor.float() - self._get("sensor_mean", d)) / self._get("sensor_std", d)
         return x.masked_fill(~valid.bool().unsqueeze(-1), 0.0)
+
+    def normalize_state(self, features: torch.Tensor, key: str) -> torch.Tensor:
+        """(B, F) features of state key `key` (vla_ds/data/state.py) -> z-scores, fp32."""
+        d = features.device
+        return (features.float() - self._get(f"state_{key}_mean", d)) / self._get(f"state_{key}_std", d)

@@ -4,7 +4,9 @@
                           M = L (--vl-tokens -1), 1 (0: pooled) or K pooled tokens, the same live and cached
     sensor (B, T, C)      --Normalizer, SensorEncoder--> tokens (B, T', S), pooled (B, S)
     fusion(VL, sensor)    --> memory (B, M, E) + mask
-    ActionExpert(memory)  --> actions (B, H, A), normalized
+    robot state (B, 12)   --StateEncoder--> one more memory token (B, 1, E)       (--state-enabled)
+    ActionExpert(memory)  --> actions (B, H, A), normalized                     (--action-head regression)
+    FlowExpert(memory, x_t, t) --> velocity; Euler-integrated from noise        (--action-head flow)
 
 `forward(batch)` returns normalized predictions and, when the batch has target actions, the
 per-sample masked loss (the trainer weights and averages it). `predict(...)` is the robot-side
@@ -22,6 +24,7 @@ import torch
 from torch import nn
 
 from vla_ds.data.batch import packed_sensor
+from vla_ds.data.state import STATE_KEYS, state_features, state_slice
 from vla_ds.data.stats import NormStats
 from vla_ds.errors import UsageError
 from vla_ds.model.action_head import ActionExpert, masked_action_loss
@@ -35,15 +38,16 @@ from vla_ds.model.backbone import (
 )
 from vla_ds.model.config import ModelConfig
 from vla_ds.model.finetune import apply_finetune, backbone_component
+from vla_ds.model.flow import FlowExpert, flow_loss_inputs, integrate, sample_noise, time_from_uniform, validation_draws
 from vla_ds.model.fusion import build_fusion
 from vla_ds.model.normalize import Normalizer
 from vla_ds.model.sensor import SensorEncoder, SensorFeatures
+from vla_ds.model.state import StateEncoder
 from vla_ds.model.vl_tokens import VLFeatures
 from vla_ds.utils.dist import device_for
 
 log = logging.getLogger(__name__)
 
-BAD_SENSOR_POLICIES = ("error", "treat_as_missing")  # predict(bad_sensor=...): a window with NaN/inf
 BACKBONE_PREFIX = "vl.model."  # parameter names of the HF backbone inside the policy
 COMPONENTS = ("expert", "sensor", "vl", "vision")  # optimizer groups, in order
 # Learned embeddings and queries are not decayed, like biases and norm weights.
@@ -56,7 +60,9 @@ class PolicyOutput(NamedTuple):
     A NamedTuple (like VLFeatures/SensorFeatures) so DeepSpeed's ZeRO-3 hooks see its tensors.
     """
 
-    actions: torch.Tensor  # (B, H, A) predictions, normalized action space
+    # (B, H, A) predictions, normalized action space. A flow head's forward with targets returns its
+    # one-step estimate x_t - t v from the noised target instead: a training diagnostic, not a prediction.
+    actions: torch.Tensor
     per_sample_loss: torch.Tensor | None = None  # (B,) masked mean elementwise loss, fp32
     target: torch.Tensor | None = None  # (B, H, A) normalized targets, fp32
     valid_steps: torch.Tensor | None = None  # (B,) number of valid (unpadded) chunk steps
@@ -108,8 +114,11 @@ class QwenVLA(nn.Module):
             stats = NormStats.identity(config.action_dim, config.sensor_input_channels if config.sensor_enabled else None)
         elif config.sensor_enabled and stats.sensor_mean is None:
             log.warning("--sensor-enabled but the stats have no sensor statistics: the sensor is not normalized")
+        state_keys = config.state_key_names() if config.state_enabled else ()
+        if state_keys and not stats.state_mean:
+            log.warning("--state-enabled but the stats have no robot-state statistics: the state is not normalized")
         self.normalizer = Normalizer(stats, config.action_dim,
-                                     config.sensor_input_channels if config.sensor_enabled else None)
+                                     config.sensor_input_channels if config.sensor_enabled else None, state_keys)
         self.sensor_encoder = SensorEncoder(
             config.sensor_input_channels, config.sensor_temporal_length, config.sensor_hidden_dim,
             config.sensor_output_dim, config.sensor_conv_blocks, config.sensor_num_layers, config.sensor_num_heads,
@@ -117,8 +126,10 @@ class QwenVLA(nn.Module):
         ).to(device) if config.sensor_enabled else None
         self.fusion = build_fusion(config.effective_fusion, self.vl_dim, config.sensor_output_dim,
                                    config.expert_hidden_dim, config.expert_num_heads, config.head_dropout).to(device)
-        self.expert = ActionExpert(config.horizon, config.action_dim, config.expert_hidden_dim,
-                                   config.expert_num_layers, config.expert_num_heads, config.head_dropout).to(device)
+        self.state_encoder = StateEncoder(state_keys, config.expert_hidden_dim).to(device) if state_keys else None
+        head = FlowExpert if config.action_head == "flow" else ActionExpert
+        self.expert = head(config.horizon, config.action_dim, config.expert_hidden_dim,
+                           config.expert_num_layers, config.expert_num_heads, config.head_dropout).to(device)
         self.train()  # a trainable backbone in train mode (LoRA dropout, checkpointing), a frozen one in eval
 
     # ------------------------------------------------------------------------------ properties
@@ -166,41 +177,103 @@ class QwenVLA(nn.Module):
         x = self.normalizer.normalize_sensor(sensor.to(device, non_blocking=True), valid).to(self.head_dtype)
         return enc(x, valid, rows=rows.to(device), batch_size=batch_size)
 
-    def forward(self, batch: dict) -> PolicyOutput:
-        """Predict normalized action chunks; with `actions` in the batch also the per-sample loss.
+    def encode_state(self, batch: dict, batch_size: int) -> torch.Tensor:
+        """The robot-state memory token (B, 1, E) of the batch's raw `state` (B, 12) + `state_mask` (B, 2)."""
+        if batch.get("state") is None:
+            raise ValueError("this policy reads the robot state (--state-enabled): the batch needs `state` (B, 12) "
+                             "and `state_mask` (B, 2) (predict: state={'pose': ..., 'joints': ...})")
+        raw, device = batch["state"].to(self.device).float(), self.device
+        present = batch.get("state_mask")
+        present = torch.ones(batch_size, 2, dtype=torch.bool, device=device) if present is None else present.to(device).bool()
+        if raw.shape != (batch_size, 12) or present.shape != (batch_size, 2):
+            raise ValueError(f"batch state is {tuple(raw.shape)} / state_mask {tuple(present.shape)}; expected "
+                             f"({batch_size}, 12) / ({batch_size}, 2)")
+        keys = self.state_encoder.keys
+        flags = torch.stack([present[:, list(STATE_KEYS).index(k)] for k in keys], dim=1)
+        feats = [self.normalizer.normalize_state(state_features(raw[:, state_slice(k)], k), k)
+                 .masked_fill(~flags[:, i:i + 1], 0.0) for i, k in enumerate(keys)]
+        return self.state_encoder(torch.cat(feats, dim=1).to(self.head_dtype), flags)
 
-        Ground-truth actions are only ever used for the loss, never as an input. Collective under
-        ZeRO-3: every rank calls it every step, and it runs every submodule (the sensor encoder
-        included) whatever the batch holds.
-        """
+    def memory(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the action expert attends over: the fused VL (+ sensor) tokens and, with
+        --state-enabled, the robot-state token -> (memory (B, L, E), mask (B, L))."""
         vl = self.encode_vl(batch)
         dtype = self.head_dtype
         vl = vl._replace(tokens=vl.tokens.to(dtype), pooled=vl.pooled.to(dtype))
         b = vl.tokens.shape[0]
         sensor = self.encode_sensor(batch, b) if self.sensor_encoder is not None else None
         memory, mask = self.fusion(vl, sensor)
-        actions = self.expert(memory, mask)
+        if self.state_encoder is not None:
+            memory = torch.cat([memory, self.encode_state(batch, b)], dim=1)
+            mask = torch.cat([mask, torch.ones(b, 1, dtype=torch.bool, device=mask.device)], dim=1)
+        return memory, mask
+
+    def forward(self, batch: dict) -> PolicyOutput:
+        """Predict normalized action chunks; with `actions` in the batch also the per-sample loss.
+
+        Ground-truth actions are only ever used for the loss, never as an input (a flow head trains on
+        the noised target, as the method requires; without `actions` it samples from noise alone).
+        Collective under ZeRO-3: every rank calls it every step, and it runs every submodule (the
+        sensor encoder included) whatever the batch holds.
+        """
+        memory, mask = self.memory(batch)
+        b, flow = memory.shape[0], self.config.action_head == "flow"
+        shape = (self.config.horizon, self.config.action_dim)
         if batch.get("actions") is None:
-            return PolicyOutput(actions)
-        raw = batch["actions"].to(actions.device)
-        if raw.shape != actions.shape:
-            raise ValueError(f"batch actions are {tuple(raw.shape)}, the model predicts {tuple(actions.shape)} "
-                             "(--horizon, --action-dim)")
+            if not flow:
+                return PolicyOutput(self.expert(memory, mask))
+            noise = batch.get("flow_noise")
+            if noise is None:
+                noise = (torch.randn(b, *shape, device=memory.device) if self.training
+                         else sample_noise(self._ids(batch, b), *shape))
+            return PolicyOutput(integrate(self.expert, memory, mask, noise.to(memory.device), self.config.flow_steps))
+        raw = batch["actions"].to(memory.device)
+        if raw.shape != (b, *shape):
+            raise ValueError(f"batch actions are {tuple(raw.shape)}, the model predicts {(b, *shape)} (--horizon, "
+                             "--action-dim)")
         target = self.normalizer.normalize_actions(raw)
         step_mask = batch.get("action_mask")
         step_mask = (torch.ones(raw.shape[:2], dtype=torch.bool, device=raw.device) if step_mask is None
                      else step_mask.to(raw.device))
-        per_sample, valid = masked_action_loss(actions, target, step_mask, self.config.action_loss)
-        return PolicyOutput(actions, per_sample, target, valid)
+        if not flow:
+            actions = self.expert(memory, mask)
+            per_sample, valid = masked_action_loss(actions, target, step_mask, self.config.action_loss)
+            return PolicyOutput(actions, per_sample, target, valid)
+        if batch.get("flow_noise") is not None:  # the trainer's seeded draws (vla_ds/model/flow.py)
+            noise, t = batch["flow_noise"], batch["flow_time"]
+        elif self.training:  # a plain training loop: the global RNG
+            noise, t = torch.randn_like(target), time_from_uniform(torch.rand(b, device=target.device))
+        else:  # validation: the same draws at every validation
+            noise, t = validation_draws(self._ids(batch, b), *shape)
+        noise, t = noise.to(target.device), t.to(target.device)
+        x_t, velocity = flow_loss_inputs(target, noise, t)
+        v = self.expert(memory, mask, x_t, t)
+        per_sample, valid = masked_action_loss(v, velocity, step_mask, self.config.action_loss)
+        return PolicyOutput((x_t - t[:, None, None] * v.float()).to(v.dtype), per_sample, target, valid)
+
+    @staticmethod
+    def _ids(batch: dict, b: int) -> list[str]:
+        """What seeds a sample's flow draws in eval mode: its sample id (else its batch position)."""
+        return list(batch.get("sample_ids") or map(str, range(b)))
 
     @torch.no_grad()
     def predict(self, text_inputs: list[str], image_inputs: list[list], sensor_data: torch.Tensor | None = None,
-                sensor_mask: torch.Tensor | None = None, bad_sensor: str = "error") -> torch.Tensor:
-        """Denormalized action chunks `(B, H, A)` (fp32, on CPU) for the robot.
+                sensor_mask: torch.Tensor | None = None, bad_sensor: str = "error", state: dict | None = None,
+                num_samples: int | None = None, seed: int = 0, generator: torch.Generator | None = None,
+                flow_steps: int | None = None) -> torch.Tensor:
+        """Denormalized action chunks `(B, H, A)` (fp32, on CPU) for the robot; `(B, K, H, A)` with
+        `num_samples=K`.
 
         `image_inputs[b]` is sample b's list of views (PIL images or file paths); `sensor_data` a raw
-        `(B, T, C)` window (all rows valid unless `sensor_mask` says otherwise) or None. Runs in eval
-        mode under no_grad, with bf16 autocast on CUDA.
+        `(B, T, C)` window (all rows valid unless `sensor_mask` says otherwise) or None; `state` the
+        robot state {"pose": (B, 6), "joints": (B, 6) or None (not recorded)} in robot units and
+        degrees, needed by a policy trained with --state-enabled. Runs in eval mode under no_grad,
+        with bf16 autocast on CUDA.
+
+        A flow head (--action-head flow) integrates `flow_steps` (default: its --flow-steps) Euler
+        steps from noise drawn by `generator`, else by a generator seeded with `seed`: the same call
+        gives the same chunks. `num_samples=K` draws K chunks per observation (the VL backbone runs
+        once); a regression head's K chunks are K copies of its one.
 
         A window with NaN/inf in a valid row is a `UsageError` (on a robot a NaN action is a safety
         fault), unless `bad_sensor="treat_as_missing"`: that sample is then predicted as one without
@@ -208,51 +281,34 @@ class QwenVLA(nn.Module):
         non-finite prediction is a `RuntimeError`, never returned. Each sample must have the views the
         policy was trained on (`self.views`), in that order; another number is a `UsageError`.
         """
-        if bad_sensor not in BAD_SENSOR_POLICIES:
-            raise UsageError(f"predict: bad_sensor={bad_sensor!r}; choose one of {', '.join(BAD_SENSOR_POLICIES)}")
-        if len(text_inputs) != len(image_inputs):
-            raise ValueError(f"predict: {len(text_inputs)} instructions but {len(image_inputs)} image lists")
-        for b, views in enumerate(image_inputs):
-            if self.views is not None and len(views) != len(self.views):
-                raise UsageError(f"predict: sample {b} has {len(views)} view(s), the policy was trained on "
-                                 f"{len(self.views)} ({', '.join(self.views)}); give those views, in that order")
-        batch = {"images": [list(v) for v in image_inputs], "instructions": list(text_inputs)}
-        if sensor_data is not None:
-            sensor_data = torch.as_tensor(sensor_data, dtype=torch.float32)
-            if sensor_data.dim() != 3 or sensor_data.shape[0] != len(text_inputs):
-                raise ValueError(f"predict: sensor_data must be (B={len(text_inputs)}, T, C), got "
-                                 f"{tuple(sensor_data.shape)}")
-            if self.sensor_encoder is not None and sensor_data.shape[2] != self.config.sensor_input_channels:
-                raise UsageError(f"predict: sensor_data has {sensor_data.shape[2]} channels, the policy reads "
-                                 f"{self.config.sensor_input_channels} (--sensor-input-channels it was trained with)")
-            mask = (torch.ones(sensor_data.shape[:2], dtype=torch.bool) if sensor_mask is None
-                    else torch.as_tensor(sensor_mask, dtype=torch.bool))
-            # (a policy without a sensor encoder ignores the window, and its values)
-            bad = (~torch.isfinite(sensor_data) & mask[..., None]).flatten(1).any(1)
-            if self.sensor_encoder is not None and bad.any():
-                rows = bad.nonzero().flatten().tolist()
-                if bad_sensor == "error":
-                    raise UsageError(f"predict: sensor_data of sample(s) {rows} holds NaN/inf; fix the window, or pass "
-                                     "bad_sensor='treat_as_missing' to predict those samples without a sensor")
-                sensor_data = torch.where(bad[:, None, None], 0.0, sensor_data)
-                mask = mask & ~bad[:, None]
-                log.warning("predict: NaN/inf in the sensor window of sample(s) %s: predicted without a sensor", rows)
-            batch["sensor"] = sensor_data
-            batch["sensor_mask"] = mask
+        from vla_ds.model.inputs import predict_batch
+
+        if num_samples is not None and num_samples < 1 or flow_steps is not None and flow_steps < 1:
+            raise UsageError(f"predict: num_samples={num_samples}, flow_steps={flow_steps}; both must be >= 1")
+        batch = predict_batch(self, text_inputs, image_inputs, sensor_data, sensor_mask, bad_sensor, state)
+        k, steps = num_samples or 1, flow_steps or self.config.flow_steps
         was_training = self.training
         self.eval()
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
                     else contextlib.nullcontext())
         try:
             with autocast:
-                out = self(batch)
+                memory, mask = self.memory(batch)
+                if self.config.action_head == "flow":
+                    memory, mask = memory.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)
+                    g = generator if generator is not None else torch.Generator().manual_seed(seed)
+                    noise = torch.randn(memory.shape[0], self.config.horizon, self.config.action_dim, generator=g,
+                                        device=g.device)
+                    out = integrate(self.expert, memory, mask, noise.to(self.device), steps)
+                else:
+                    out = self.expert(memory, mask).repeat_interleave(k, 0)
         finally:
             self.train(was_training)
-        actions = self.normalizer.denormalize_actions(out.actions).cpu()
+        actions = self.normalizer.denormalize_actions(out).cpu()
         if not torch.isfinite(actions).all():
             raise RuntimeError("predict: the policy produced non-finite actions (NaN/inf); not returning them -- "
                                "check its weights (a diverged training?) and its inputs")
-        return actions
+        return actions if num_samples is None else actions.view(-1, k, *actions.shape[1:])
 
     # ------------------------------------------------------------------------------ optimizer
     def component_of(self, name: str) -> str:

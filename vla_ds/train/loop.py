@@ -6,6 +6,9 @@ Features:
     warm-up / hold / cosine schedule (vla_ds/train/schedule.py), per step or per epoch
   - balanced sensor sampling (--sensor-sample-ratio), episode-level train/val split
   - sensor-weighted loss that is effective at any batch size (vla_ds/train/loss.py)
+  - either action head (--action-head regression|flow); a flow head's noise and times are seeded
+    per sample, so data-parallel layouts and resumed runs draw alike
+  - the robot's state as an input (--state-enabled --state-keys pose,joints)
   - the old trainer's wandb metric names, mirrored to RUN_DIR/metrics.jsonl; rank-0 progress bar
   - validation with sensor / no-sensor losses; a non-finite loss stops every rank with the step
     and the offending sample ids
@@ -236,6 +239,12 @@ class Trainer:
         loss on any rank stops every rank."""
         from vla_ds.train.loss import sample_weights, weighted_loss
 
+        m = self.cfg.model
+        if m.action_head == "flow":  # per-sample seeded noise and times (vla_ds/model/flow.py says why)
+            from vla_ds.model.flow import training_draws
+
+            batch = {**batch, **training_draws(batch["sample_ids"], m.horizon, m.action_dim, self.cfg.run.seed,
+                                               self.state.epoch)}
         out = self.engine(batch)
         has = batch["has_sensor"].to(out.per_sample_loss.device)
         loss = weighted_loss(out.per_sample_loss, sample_weights(has, self.cfg.optim.sensor_loss_weight, self.cfg.model.sensor_enabled))
