@@ -131,7 +131,7 @@ def zero2_run(tmp_path_factory, train_data, tiny_model_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def zero3_run(tmp_path_factory, train_data, tiny_model_dir) -> Path:
-    """The same under ZeRO-3. Read-only."""
+    """The same under ZeRO-3, with --action-head flow and --state-enabled. Read-only."""
     from tests.helpers.runs import lora_run
 
     return lora_run(tmp_path_factory.mktemp("lora_runs"), train_data, tiny_model_dir, 3)

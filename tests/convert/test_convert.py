@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers.batches import sample_batch
+from tests.helpers.batches import sample_batch, sample_state
 from tests.model.test_processor import assert_stock_processor_files
 from vla_ds.cli import main
 from vla_ds.model.policy import QwenVLA
@@ -142,11 +142,12 @@ def test_converted_policy_predicts_without_deepspeed(zero3_run, tmp_path, train_
         import torch
         from safetensors.torch import save_file
         torch.set_num_threads(1)
-        from tests.helpers.batches import sample_batch
+        from tests.helpers.batches import sample_batch, sample_state
         from vla_ds.model.policy import QwenVLA
         policy = QwenVLA.from_pretrained({str(out / 'policy')!r}, device="cpu")
         texts, images, sensor, mask = sample_batch({str(train_data)!r})
-        save_file({{"actions": policy.predict(texts, images, sensor, mask)}}, {str(tmp_path / 'pred.safetensors')!r})
+        actions = policy.predict(texts, images, sensor, mask, state=sample_state({str(train_data)!r}), num_samples=3)
+        save_file({{"actions": actions}}, {str(tmp_path / 'pred.safetensors')!r})
         assert sys.modules["deepspeed"] is None
     """)
     env = dict(os.environ, PYTHONPATH=str(repo_root), OMP_NUM_THREADS="1")
@@ -155,8 +156,10 @@ def test_converted_policy_predicts_without_deepspeed(zero3_run, tmp_path, train_
     assert proc.returncode == 0, proc.stderr[-3000:]
     theirs = load_file(str(tmp_path / "pred.safetensors"))["actions"]
     texts, images, sensor, mask = sample_batch(train_data)
-    ours = QwenVLA.from_pretrained(out / "policy", device="cpu").predict(texts, images, sensor, mask)
-    assert theirs.shape == (4, 8, 7)
+    ours = QwenVLA.from_pretrained(out / "policy", device="cpu").predict(texts, images, sensor, mask,
+                                                                      state=sample_state(train_data), num_samples=3)
+    # the ZeRO-3 run's flow head: 3 seeded samples per observation, the same in both processes
+    assert theirs.shape == (4, 3, 8, 7) and (theirs[:, 0] - theirs[:, 1]).abs().max() > 1e-4
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
 
 

@@ -54,11 +54,11 @@ def make_dataset(root: Path, sessions: list[tuple], stats: bool = True, repeat: 
     return dataset
 
 
-def make_sensor_task(root: Path, per_sign: int = 2, duration: float = 4.0) -> Path:
-    """A task only the sensor can solve: raw sessions with a sensor whose needle advances (+z) when the
-    force reads +1 and retracts (-z) when it reads -1, every image replaced by one and the same
-    picture after ingest, one instruction. Without the sensor, a policy can only predict the mean
-    (no z motion); with it, the direction. Ingested into ROOT/dataset with stats.json."""
+def _motion_task(root: Path, episodes: list, duration: float, spacing: float = 0.5) -> Path:
+    """Raw sessions (Layout A) whose robot follows `pose_of(t - t0)` -> (M, 6) poses, with the sensor
+    reading `force` (or none when None), every image replaced by one and the same picture after
+    ingest, one instruction: what the policy can learn is only what the sensor or the robot state
+    tells it. `episodes`: [(pose_of, force | None)]. Ingested into ROOT/dataset with stats.json."""
     import numpy as np
 
     from vla_ds.data import synthetic
@@ -66,17 +66,16 @@ def make_sensor_task(root: Path, per_sign: int = 2, duration: float = 4.0) -> Pa
     from vla_ds.data.stats import compute_stats
 
     raw = root / "raw"
-    for k in range(2 * per_sign):
-        sign = 1.0 if k % 2 == 0 else -1.0
+    for k, (pose_of, force) in enumerate(episodes):
         t0 = 1761551500.0 + 1000.0 * k
         t = t0 - 0.5 + np.arange(0, duration + 1.5, 1.0 / synthetic.ROBOT_HZ)
-        pose = np.zeros((len(t), 6))
-        pose[:, 2] = sign * 5.0 * (t - t0) / duration
-        robot = synthetic.RobotTrack(t, pose, np.zeros((len(t), 6)))
-        ts = t0 - 1.0 + np.arange(0, duration + 1.2, 1.0 / synthetic.SENSOR_HZ)
-        sensor = synthetic.SensorTrack(ts, np.full(len(ts), sign, np.float32),
-                                       np.full((len(ts), synthetic.ASCAN_SAMPLES), 100.0, np.float32))
-        frames = t0 + np.arange(0.0, duration + 1e-9, 0.5)
+        robot = synthetic.RobotTrack(t, pose_of(t - t0), np.zeros((len(t), 6)))
+        sensor = None
+        if force is not None:
+            ts = t0 - 1.0 + np.arange(0, duration + 1.2, 1.0 / synthetic.SENSOR_HZ)
+            sensor = synthetic.SensorTrack(ts, np.full(len(ts), force, np.float32),
+                                           np.full((len(ts), synthetic.ASCAN_SAMPLES), 100.0, np.float32))
+        frames = t0 + np.arange(0.0, duration + 1e-9, spacing)
         synthetic.write_session_a(raw / "needle_insertion", {"View1": frames, "View5": frames}, robot, sensor, IMAGE, k)
     dataset = root / "dataset"
     preprocess([str(raw)], dataset, IngestOptions(max_side=64))
@@ -85,3 +84,49 @@ def make_sensor_task(root: Path, per_sign: int = 2, duration: float = 4.0) -> Pa
         shutil.copyfile(jpgs[0], p)
     compute_stats([dataset]).save(dataset)
     return dataset
+
+
+def _track(x=None, z=None):
+    """pose_of(s) for s = seconds since the episode start: x(s), z(s) given, everything else 0."""
+    import numpy as np
+
+    def pose_of(s):
+        pose = np.zeros((len(s), 6))
+        pose[:, 0] = x(s) if x else 0.0
+        pose[:, 2] = z(s) if z else 0.0
+        return pose
+
+    return pose_of
+
+
+def make_sensor_task(root: Path, per_sign: int = 2, duration: float = 4.0) -> Path:
+    """A task only the sensor can solve: the needle advances (+z) when the force reads +1 and
+    retracts (-z) when it reads -1. Without the sensor, a policy can only predict the mean (no z
+    motion); with it, the direction."""
+    signs = [1.0 if k % 2 == 0 else -1.0 for k in range(2 * per_sign)]
+    return _motion_task(root, [(_track(z=lambda s, g=g: g * 5.0 * s / duration), g) for g in signs], duration)
+
+
+# How far the bimodal task's robot moves in x per 0.5 s frame, one way or the other.
+BIMODAL_STEP = 0.625
+
+
+def make_bimodal_task(root: Path, per_sign: int = 3, duration: float = 4.0) -> Path:
+    """Demonstrations that disagree: the same picture and instruction, then +x at BIMODAL_STEP per
+    frame in half the episodes and -x in the other half. A regression head can only predict their
+    mean (no motion, which no demonstration did); a generative head should sample either."""
+    signs = [1.0 if k % 2 == 0 else -1.0 for k in range(2 * per_sign)]
+    rate = BIMODAL_STEP / 0.5
+    return _motion_task(root, [(_track(x=lambda s, g=g: g * rate * s), None) for g in signs], duration)
+
+
+def make_state_task(root: Path, episodes: int = 12, duration: float = 4.0, spacing: float = 0.25) -> Path:
+    """A task only the robot state can solve: the needle moves down at 1 unit/s until it reaches
+    z = 0, then stops; each episode starts at another height (0.5 .. 4). The picture never changes,
+    so without the state the next motion is unknowable; x advances at 1 unit/s in every episode, so
+    the state also tells the time (the progress dim)."""
+    import numpy as np
+
+    starts = np.linspace(0.5, 4.0, episodes)
+    return _motion_task(root, [(_track(x=lambda s: s, z=lambda s, z0=z0: np.maximum(z0 - s, 0.0)), None)
+                               for z0 in starts], duration, spacing)

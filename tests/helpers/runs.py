@@ -118,7 +118,8 @@ def launch_env(**extra: str) -> dict:
 
 
 def lora_run(root: Path, data: Path, backbone: Path, stage: int) -> Path:
-    """2 processes, LoRA + sensor, 2 optimizer steps, one checkpoint at step 2. A large --vl-lr moves
+    """2 processes, LoRA + sensor, 2 optimizer steps, one checkpoint at step 2 (ZeRO-3: with the flow
+    head and the robot state, so that convert's tests cover them too). A large --vl-lr moves
     the LoRA adapters well away from their zero init in two steps, so a merge that forgot them
     would show. Launched the two ways users launch on one machine, so these runs are also the
     launcher tests' (tests/train/test_launchers.py): ZeRO-2 by launch/train_cpu.sh (torchrun), ZeRO-3
@@ -127,6 +128,8 @@ def lora_run(root: Path, data: Path, backbone: Path, stage: int) -> Path:
     args = ["--data", str(data), "--backbone", str(backbone), "--output-dir", str(out), "--batch-size", "2",
             "--grad-accum-steps", "1", "--log-every", "1", "--val-ratio", "0", "--max-steps", "2", "--save-every", "2",
             "--sensor-enabled", "--finetune-vl", "lora", "--lr", "2e-3", "--sensor-lr", "2e-3", "--vl-lr", "5e-2", *SMALL]
+    if stage == 3:
+        args += ["--action-head", "flow", "--state-enabled"]
     if stage == 2:
         cmd = ["bash", str(REPO / "launch" / "train_cpu.sh"), *args]
     else:

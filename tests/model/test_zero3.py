@@ -17,7 +17,8 @@ SMALL = dict(sensor_input_channels=17, sensor_temporal_length=64, sensor_hidden_
              sensor_conv_blocks=2, sensor_num_layers=1, sensor_num_heads=4, expert_hidden_dim=32, expert_num_layers=2,
              expert_num_heads=4, head_dropout=0.0, lora_r=4, lora_alpha=8, lora_dropout=0.0, unfreeze_last_n=1)
 CASES = {"lora-cross_attention": dict(finetune_vl="lora", sensor_enabled=True, fusion_strategy="cross_attention"),
-         "full-gated": dict(finetune_vl="full", sensor_enabled=True, fusion_strategy="gated")}
+         "full-gated": dict(finetune_vl="full", sensor_enabled=True, fusion_strategy="gated"),
+         "lora-flow-state": dict(finetune_vl="lora", sensor_enabled=True, action_head="flow", state_enabled=True)}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -35,6 +36,10 @@ def test_policy_trains_under_zero3(case, tiny_model_dir, in_process_group, caplo
                                           config={"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3}})
         batch = batch_of(2, has_sensor=[True, False])
         batch["actions"] = torch.linspace(-2, 2, 7) + 0.3 * batch["actions"]
+        if CASES[case].get("action_head") == "flow":  # fixed draws: a loss that can only fall by learning
+            from vla_ds.model.flow import training_draws
+
+            batch.update(training_draws(batch["sample_ids"], 8, 7, seed=0, epoch=0))
         losses = []
         for _ in range(8):
             loss = engine(batch).per_sample_loss.mean()

@@ -34,7 +34,9 @@ def _after_crash(proc, out) -> dict:
 
 # What a crash left, recorded before its resume: {run name: {"returncode", "latest", "entries"}}.
 CRASHED: dict[str, dict] = {}
-NAMES = ("full", "pointers", "killed", "crash", "refused")
+NAMES = ("full", "pointers", "killed", "crash", "refused", "flow_full", "flow_killed")
+# the flow head with the robot state: its noise and times must continue as they would have
+FLOW = ["--action-head", "flow", "--state-enabled", "--max-steps", "8", "--save-every", "4"]
 
 
 def shared_runs(ctx) -> dict:
@@ -45,7 +47,8 @@ def shared_runs(ctx) -> dict:
     if not any(ctx.selected(t) for t in ("test_sigkill_then_resume_reproduces_the_uninterrupted_losses",
                                          "test_crash_inside_a_save_leaves_latest_loadable",
                                          "test_pointers_follow_validation_and_old_checkpoints_are_pruned",
-                                         "test_resume_refuses_another_world_size_or_model")):
+                                         "test_resume_refuses_another_world_size_or_model",
+                                         "test_a_flow_head_resumes_its_noise_exactly")):
         return {}
     root, data, bb = ctx.root("checkpoint_runs"), ctx.fixture("train_data"), ctx.fixture("tiny_model_dir")
     shutil.copytree(ctx.fixture("zero2_run"), root / "refused", symlinks=True)
@@ -59,13 +62,18 @@ def shared_runs(ctx) -> dict:
     proc, _ = run_training(_args(data, bb, root / "crash", *CRASH_STEPS), expect_ok=False,
                            env={"VLA_DS_FAULT": "crash_in_save:6"})
     CRASHED["crash"] = _after_crash(proc, root / "crash")
+    proc, _ = run_training(_args(data, bb, root / "flow_killed", *FLOW), expect_ok=False,
+                           env={"VLA_DS_FAULT": "kill_at_step:6"})  # 2 steps after the checkpoint at 4
+    CRASHED["flow_killed"] = _after_crash(proc, root / "flow_killed")
     return {"full": _args(data, bb, root / "full", *KILL_STEPS),
             # a large lr overfits the few training episodes: validation improves first, then worsens
             "pointers": _args(data, bb, root / "pointers", "--max-steps", "10", "--val-ratio", "0.3", "--val-every",
                               "1", "--save-every", "0", "--keep-last", "2", "--lr", "2e-2", "--sensor-lr", "2e-2"),
             "killed": _args(data, bb, root / "killed", *KILL_STEPS),  # --resume auto
             "crash": _args(data, bb, root / "crash", *CRASH_STEPS),
-            "refused": _args(data, bb, root / "refused", "--max-steps", "4", "--fusion-strategy", "gated")}
+            "refused": _args(data, bb, root / "refused", "--max-steps", "4", "--fusion-strategy", "gated"),
+            "flow_full": _args(data, bb, root / "flow_full", *FLOW),
+            "flow_killed": _args(data, bb, root / "flow_killed", *FLOW)}
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +99,16 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(runs):
         assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-9), f"step {step}: {got[step]} vs {want[step]}"
     state = json.loads((out / "checkpoints" / "final" / "trainer_state.json").read_text())
     assert state["step"] == 12 and _pointer(out, "final") == "step_000012"
+
+
+def test_a_flow_head_resumes_its_noise_exactly(runs):
+    killed = runs["flow_killed"]
+    assert killed["returncode"] != 0 and killed["latest"] == "step_000004"
+    assert "resumed from" in killed["log"] and "step 4," in killed["log"]
+    want, got = loss_by_step(runs["flow_full"]["rows"]), loss_by_step(killed["rows"])
+    assert sorted(got) == list(range(1, 9)) == sorted(want)
+    for step in range(1, 9):
+        assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-9), f"step {step}: {got[step]} vs {want[step]}"
 
 
 def test_crash_inside_a_save_leaves_latest_loadable(runs):
