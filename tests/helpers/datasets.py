@@ -111,13 +111,14 @@ def make_sensor_task(root: Path, per_sign: int = 2, duration: float = 4.0) -> Pa
 BIMODAL_STEP = 0.625
 
 
-def make_bimodal_task(root: Path, per_sign: int = 3, duration: float = 4.0) -> Path:
+def make_bimodal_task(root: Path, per_sign: int = 3, duration: float = 8.0, spacing: float = 0.1) -> Path:
     """Demonstrations that disagree: the same picture and instruction, then +x at BIMODAL_STEP per
     frame in half the episodes and -x in the other half. A regression head can only predict their
-    mean (no motion, which no demonstration did); a generative head should sample either."""
+    mean (no motion, which no demonstration did); a generative head should sample either. 80
+    samples per episode at the defaults (long epochs: a run checkpoints at every epoch end)."""
     signs = [1.0 if k % 2 == 0 else -1.0 for k in range(2 * per_sign)]
-    rate = BIMODAL_STEP / 0.5
-    return _motion_task(root, [(_track(x=lambda s, g=g: g * rate * s), None) for g in signs], duration)
+    rate = BIMODAL_STEP / spacing
+    return _motion_task(root, [(_track(x=lambda s, g=g: g * rate * s), None) for g in signs], duration, spacing)
 
 
 def make_state_task(root: Path, episodes: int = 12, duration: float = 4.0, spacing: float = 0.25) -> Path:

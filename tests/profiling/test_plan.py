@@ -24,6 +24,21 @@ def test_counts_only_trainable_parameters_for_optimizer_state(base):
     assert not full.fits and lora.fits
 
 
+def test_the_flow_head_and_the_state_input_are_counted(base):
+    from dataclasses import replace
+
+    from vla_ds.model.backbone import read_backbone_config
+    from vla_ds.profiling.counts import count_parameters
+
+    e, a, bb = base.expert_hidden_dim, base.action_dim, read_backbone_config(DEFAULT_BACKBONE)
+    regression = count_parameters(bb, base, 0)
+    flow = count_parameters(bb, replace(base, action_head="flow", state_enabled=True), 0)
+    action_in, time_mlp = a * e + e, 2 * (e * e + e)
+    state = (9 + 12 + 2) * e + e + e * e + e  # [features; presence flags] -> E -> E
+    assert flow.head - regression.head == action_in + time_mlp + state
+    assert flow.trainable - regression.trainable == action_in + time_mlp + state
+
+
 @pytest.mark.parametrize("gpu_mem, preset", [(80, "zero2"), (24, "zero2_offload"), (12, "zero2_offload"),
                                              (8, "zero3_offload")])
 def test_full_finetune_recommendation_follows_gpu_memory(base, gpu_mem, preset):

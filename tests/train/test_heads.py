@@ -35,12 +35,12 @@ def _cached(ctx, root, data) -> str:
 
 
 def shared_runs(ctx) -> dict:
-    from tests.helpers.datasets import make_bimodal_task, make_state_task, repeat_episodes
+    from tests.helpers.datasets import make_bimodal_task, make_state_task
 
     backbone, runs = str(ctx.fixture("tiny_model_dir")), {}
     if ctx.selected("test_the_flow_head_samples_both_modes_where_regression_predicts_their_mean"):
         root = ctx.root("bimodal")
-        data = repeat_episodes(make_bimodal_task(root), 50)  # long epochs: checkpoints at epoch ends only
+        data = make_bimodal_task(root)
         common = ["--data", str(data), "--backbone", backbone, "--cache-dir", _cached(ctx, root, data),
                   "--val-ratio", "0", *HEAD]
         runs["regression"] = [*common, "--output-dir", str(root / "regression"), "--max-steps", "150"]

@@ -86,9 +86,12 @@ class NormStats:
     @classmethod
     def identity(cls, action_dim: int = 7, sensor_channels: int | None = None) -> NormStats:
         """Stats that leave values unchanged (for tests and models built before stats exist)."""
+        from vla_ds.data.state import FEATURES
+
         zeros, ones = [0.0] * action_dim, [1.0] * action_dim
         sensor = ([0.0] * sensor_channels, [1.0] * sensor_channels) if sensor_channels else (None, None)
-        return cls(zeros, ones, [-1.0] * action_dim, [1.0] * action_dim, sensor[0], sensor[1])
+        return cls(zeros, ones, [-1.0] * action_dim, [1.0] * action_dim, sensor[0], sensor[1],
+                   {k: [0.0] * n for k, n in FEATURES.items()}, {k: [1.0] * n for k, n in FEATURES.items()})
 
     def to_dict(self) -> dict:
         return asdict(self)
