@@ -217,6 +217,22 @@ def ds_config_typo(env):
     return _train(env, "--ds-config", str(p), names=[p, "zero_optimisation"])
 
 
+def stats_without_state(env):
+    """A dataset whose stats.json was written before vla-ds read the robot state."""
+    from vla_ds.data.stats import NormStats, compute_stats
+
+    _, out = _recorded(env)
+    stats = compute_stats([out])
+    stats.state_mean = stats.state_std = None
+    stats.save(out)
+    before = NormStats.load(out)
+    argv = ["train", "--data", str(out), "--backbone", str(env.fixture("tiny_model_dir")), "--output-dir",
+            str(env.tmp / "run"), *SMALL, "--state-enabled"]
+    assert before.state_mean is None
+    return Scenario(argv=argv, names=[str(out / "stats.json"), "no robot-state statistics", "vla-ds stats"],
+                    keep=[out], absent=[env.tmp / "run"])
+
+
 CASES = [
     Case("data-01", "a truncated JPEG in a recorder session", truncated_jpeg),
     Case("data-02", "a sensor npz without its `alines` array", npz_without_alines),
@@ -251,5 +267,7 @@ CASES = [
     Case("config-11", "--sensor-input-channels 514 for episodes of 1026 channels",
          lambda env: _train(env, "--sensor-enabled", "--sensor-input-channels", "514",
                             names=["--sensor-input-channels 514", "pass --sensor-input-channels 1026"])),
+    Case("config-12", "--state-enabled with a stats.json written before vla-ds read the robot state",
+         stats_without_state),
 ]
 SLOW: set[str] = set()
