@@ -149,8 +149,12 @@ def test_predict_is_seeded_and_draws_k_chunks_per_observation(small_config, make
     torch.testing.assert_close(k[:, 0], reg.predict(b["instructions"], b["images"]))
 
 
-def test_every_submodule_gets_a_gradient_every_step(small_config, make_batch):
-    policy = _flow(small_config, fusion_strategy="cross_attention", state_enabled=True)
+@pytest.mark.parametrize("fusion, finetune", [("concat", "none"), ("cross_attention", "lora"), ("gated", "full"),
+                                              ("none", "lora")])
+def test_every_submodule_gets_a_gradient_every_step(small_config, make_batch, fusion, finetune):
+    # with every fusion and fine-tune mode, and a batch without any sensor reading (ZeRO-3 needs them all)
+    policy = _flow(small_config, fusion_strategy=fusion, finetune_vl=finetune, state_enabled=True,
+                   sensor_enabled=fusion != "none", unfreeze_last_n=1)
     batch = make_batch(3, has_sensor=[False, False, False])
     policy(batch).per_sample_loss.mean().backward()
     none = [n for n, p in policy.named_parameters() if p.requires_grad and p.grad is None]

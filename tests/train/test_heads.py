@@ -38,7 +38,8 @@ def shared_runs(ctx) -> dict:
     from tests.helpers.datasets import make_bimodal_task, make_state_task
 
     backbone, runs = str(ctx.fixture("tiny_model_dir")), {}
-    if ctx.selected("test_the_flow_head_samples_both_modes_where_regression_predicts_their_mean"):
+    if ctx.selected("test_the_flow_head_samples_both_modes_where_regression_predicts_their_mean") or ctx.selected(
+            "test_eval_scores_a_seeded_sample_per_observation_the_same_at_any_batch_size"):
         root = ctx.root("bimodal")
         data = make_bimodal_task(root)
         common = ["--data", str(data), "--backbone", backbone, "--cache-dir", _cached(ctx, root, data),
@@ -96,3 +97,27 @@ def test_a_task_only_the_state_solves_is_learned_with_the_state_not_without(shar
         rows = shared.run(__name__, name).rows
         final[name] = [r["val/loss_epoch"] for r in rows if "val/loss_epoch" in r][-1]
     assert final["with_state"] <= 0.5 * final["without_state"], final
+
+
+def test_eval_scores_a_seeded_sample_per_observation_the_same_at_any_batch_size(shared, tmp_path):
+    from vla_ds.errors import UsageError
+    from vla_ds.eval.run import EvalArgs, evaluate
+
+    run = shared.run(__name__, "flow").dir
+    kw = dict(policy=str(run), data=policy_data(run), episodes="all", num_workers=0, max_samples=40)
+
+    def scored(name, **extra):
+        r = evaluate(EvalArgs(output_dir=str(tmp_path / name), **kw, **extra))
+        return r, np.load(tmp_path / name / "predictions.npz")["pred"]
+
+    (a, pa), (_, pb), (_, pc) = scored("a", batch_size=16), scored("b", batch_size=5), scored("c", seed=1)
+    assert (a["action_head"], a["flow_steps"], a["seed"], a["vl_source"][:8]) == ("flow", 10, 0, "VL cache")
+    np.testing.assert_allclose(pa, pb, atol=1e-5, rtol=1e-5)
+    assert np.abs(pa - pc).max() > 0.1, "another seed, other samples"
+    # each scored chunk is a sample on one mode: a regression-like mean would be ~0 everywhere
+    assert np.abs(pa[:, 0, 0]).min() > 0.5 * 0.625
+    r, _ = scored("d", flow_steps=2)
+    assert r["flow_steps"] == 2
+    with pytest.raises(UsageError, match="--flow-steps: .* has a regression head"):
+        evaluate(EvalArgs(policy=str(shared.run(__name__, "regression").dir), data=kw["data"], episodes="all",
+                          num_workers=0, flow_steps=4, output_dir=str(tmp_path / "e")))

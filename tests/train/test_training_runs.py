@@ -1,5 +1,5 @@
 """Real DeepSpeed training on 2 CPU processes with the tiny backbone: ZeRO-2/3 x finetune modes x
-sensor/fusion, loss falling on a learnable synthetic task, per-group learning rates.
+sensor/fusion x action head, loss falling on a learnable synthetic task, per-group learning rates.
 
 The selected cases train in the session's shared launch (tests/helpers/shared.py), one after the
 other in the same two processes, each exactly as `python -m vla_ds.train` would run it."""
@@ -21,11 +21,16 @@ def _args(out, data, backbone, *extra, steps=40):
             "0", "--views", "View1", "View5", *FAST_LR, *SMALL, *extra]
 
 
-def _assert_learns(rows):
+def _assert_learns(rows, ratio: float = 0.5):
     curve = losses(rows)
     assert len(curve) >= 30
     first, last = sum(curve[:5]) / 5, sum(curve[-5:]) / 5
-    assert last < 0.5 * first, f"loss did not fall: {first:.4f} -> {last:.4f}"
+    assert last < ratio * first, f"loss did not fall: {first:.4f} -> {last:.4f}"
+
+
+# A flow head's loss starts near 2 (an untrained velocity against noise - target) and its noise
+# term falls more slowly than a regression's error: 0.54 of the first steps at 40 steps (measured).
+FLOW_RATIO = 0.65
 
 
 CASES = {
@@ -39,7 +44,9 @@ CASES = {
     # the presets docs/training.md recommends for a full finetune on one GPU and for the largest runs:
     # DeepSpeedCPUAdam on offloaded optimizer state (and parameters)
     "zero2_offload-full-sensor-concat": ("zero2_offload", ["--finetune-vl", "full", "--sensor-enabled", "--vision-lr", "0"]),
-    "zero3_offload-lora-nosensor": ("zero3_offload", ["--finetune-vl", "lora"]),
+    # ... with the flow head and the robot state (every other combination trains the regression head)
+    "zero3_offload-lora-nosensor-flow-state": ("zero3_offload", ["--finetune-vl", "lora", "--action-head", "flow",
+                                                                 "--state-enabled"]),
 }
 
 
@@ -74,7 +81,7 @@ def test_loss_falls(case, shared):
     preset, extra = CASES[case]
     run = shared.run(__name__, case)
     run_dir, rows = run.dir, run.rows
-    _assert_learns(rows)
+    _assert_learns(rows, FLOW_RATIO if "flow" in extra else 0.5)
     assert (run_dir / "checkpoints" / "final" / "policy" / "model.safetensors").is_file()
     last = [r for r in rows if "train/loss_step" in r][-1]
     assert last["train/lr"] == pytest.approx(3e-4)  # decayed to --min-lr
