@@ -66,6 +66,8 @@ class OptimConfig:
     sched_on: str = _f("step", "advance the schedule every optimizer step or once per epoch", choices=SCHED_ON)
     weight_decay: float = _f(0.01, "AdamW weight decay (never on biases and norms)")
     grad_accum_steps: int = _f(8, "micro batches per optimizer step")
+    global_batch_size: int | None = _f(None, "samples per optimizer step over all processes: sets --grad-accum-steps "
+                                             "to it / (processes x --batch-size), the same on any number of GPUs")
     grad_clip: float = _f(1.0, "gradient norm clipping (0 = off)")
     epochs: int = _f(1, "passes over the training data (ignored when --max-steps is set)")
     max_steps: int | None = _f(None, "stop after this many optimizer steps")
@@ -79,8 +81,8 @@ class OptimConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
         if not (0 <= self.warmup_ratio <= 1 and 0 <= self.hold_ratio <= 1 and self.warmup_ratio + self.hold_ratio <= 1):
             raise ValueError("--warmup-ratio and --hold-ratio must be in [0, 1] and sum to at most 1")
-        if self.grad_accum_steps < 1 or self.epochs < 1:
-            raise ValueError("--grad-accum-steps and --epochs must be >= 1")
+        if self.grad_accum_steps < 1 or self.epochs < 1 or (self.global_batch_size is not None and self.global_batch_size < 1):
+            raise ValueError("--grad-accum-steps, --epochs and --global-batch-size must be >= 1")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError("--max-steps must be >= 1")
         if self.sensor_loss_weight <= 0:
@@ -180,6 +182,20 @@ class TrainConfig:
 
     def flat(self) -> dict:
         return {k: v for group in self.to_dict().values() for k, v in group.items()}
+
+
+def with_world(cfg: TrainConfig, world: int) -> TrainConfig:
+    """`cfg` for `world` processes: --global-batch-size G sets --grad-accum-steps to G / (world x
+    --batch-size); a G that does not divide is a one-line UsageError."""
+    from vla_ds.errors import UsageError
+
+    g, micro = cfg.optim.global_batch_size, cfg.data.batch_size
+    if g is None:
+        return cfg
+    if g % (world * micro):
+        raise UsageError(f"--global-batch-size {g} is not a multiple of {world} process(es) x --batch-size {micro} = "
+                         f"{world * micro}; pass a multiple of {world * micro}, or change --batch-size")
+    return dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, grad_accum_steps=g // (world * micro)))
 
 
 def field_owners() -> dict[str, str]:

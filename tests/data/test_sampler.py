@@ -206,7 +206,7 @@ def test_resume_mid_epoch_yields_exactly_the_rest(k):
     head = [next(it) for _ in range(k)]
     rest = list(it)
     state = json.loads(json.dumps(a.state_dict(k)))
-    assert state == {"epoch": 3, "offset": k, "seed": 4, "sensor_ratio": 0.5, "num_replicas": 2, "epoch_size": 1000}
+    assert state == {"epoch": 3, "position": 2 * k, "seed": 4, "sensor_ratio": 0.5, "num_replicas": 2, "epoch_size": 1000}
 
     b = BalancedDistributedSampler(flags, **kw)
     b.load_state_dict(state)
@@ -225,23 +225,64 @@ def test_resume_mid_epoch_yields_exactly_the_rest(k):
 def test_resume_offset_dropped_when_moving_to_another_epoch():
     flags = _flags()
     s = BalancedDistributedSampler(flags, sensor_ratio=0.5)
-    s.load_state_dict({"epoch": 2, "offset": 10, "seed": 0, "sensor_ratio": 0.5, "num_replicas": 1, "epoch_size": 1000})
+    s.load_state_dict({"epoch": 2, "position": 10, "seed": 0, "sensor_ratio": 0.5, "num_replicas": 1, "epoch_size": 1000})
     s.set_epoch(3)
     assert list(s) == s.epoch_indices(3).tolist()
 
 
 @pytest.mark.parametrize(
     "field, other",
-    [("num_replicas", dict(num_replicas=4)), ("seed", dict(seed=1)), ("sensor_ratio", dict(sensor_ratio=0.3)), ("epoch_size", dict(epoch_size=500))],
+    [("seed", dict(seed=1)), ("sensor_ratio", dict(sensor_ratio=0.3)), ("epoch_size", dict(epoch_size=500))],
 )
 def test_resume_refuses_mismatched_state(field, other):
     flags = _flags()
     kw = dict(sensor_ratio=0.5, seed=0, num_replicas=2, rank=0)
     state = BalancedDistributedSampler(flags, **kw).state_dict(5)
-    with pytest.raises(ValueError, match=field) as err:
+    with pytest.raises(ValueError, match=field):
         BalancedDistributedSampler(flags, **{**kw, **other}).load_state_dict(state)
-    if field == "num_replicas":
-        assert "world size" in str(err.value)
+
+
+@pytest.mark.parametrize("before, after, k", [(2, 1, 7), (1, 2, 13), (2, 3, 100), (4, 2, 0), (3, 2, 333)])
+def test_resume_on_another_world_size_covers_the_rest_of_the_epoch_once(before, after, k):
+    # 1001 draws: the shards of 2 and 4 ranks are padded by wrapping, 3 and 1 are not
+    flags = _flags(1001)
+    kw = dict(sensor_ratio=0.5, seed=4)
+    old = [BalancedDistributedSampler(flags, num_replicas=before, rank=r, **kw) for r in range(before)]
+    done = [i for r in range(before) for i in list(old[r].rank_indices(3))[:k]]
+    for s in old:
+        s.set_epoch(3)
+    state = json.loads(json.dumps(old[0].state_dict(k)))
+    assert state["position"] == k * before
+    new = [BalancedDistributedSampler(flags, num_replicas=after, rank=r, **kw) for r in range(after)]
+    for s in new:
+        assert s.load_state_dict(state) == min(k * before, 1001)
+        s.set_epoch(3)
+    left = {s.remaining() for s in new}
+    rest = [list(s) for s in new]
+    assert len(left) == 1 and [len(r) for r in rest] == [left.pop()] * after, "equal shards, as announced"
+    epoch = old[0].epoch_indices(3).tolist()
+    remaining = epoch[k * before:]
+    got = [i for shard in zip(*rest) for i in shard]  # the global order the new ranks consume it in
+    pad = (-len(remaining)) % after
+    assert got == remaining + epoch[:pad], "each remaining draw once, in order; padding wraps to the epoch's start"
+    assert sorted(done + remaining) == sorted(epoch)
+    for s in new:  # the next epoch is a full one, on the new ranks
+        s.set_epoch(4)
+    assert sorted(i for s in new for i in s) == sorted(epoch_of(new[0], 4, after))
+
+
+def epoch_of(sampler, epoch, world):
+    e = sampler.epoch_indices(epoch).tolist()
+    return e + e[: (-len(e)) % world]
+
+
+def test_an_older_state_with_a_per_rank_offset_reads_as_a_position():
+    flags = _flags()
+    s = BalancedDistributedSampler(flags, sensor_ratio=0.5, num_replicas=1, rank=0)
+    assert s.load_state_dict({"epoch": 1, "offset": 6, "seed": 0, "sensor_ratio": 0.5, "num_replicas": 2,
+                              "epoch_size": 1000}) == 12
+    s.set_epoch(1)
+    assert list(s) == s.epoch_indices(1).tolist()[12:]
 
 
 def test_state_dict_rejects_bad_offsets():
@@ -249,8 +290,8 @@ def test_state_dict_rejects_bad_offsets():
     with pytest.raises(ValueError, match="consumed"):
         s.state_dict(501)
     state = s.state_dict(500)
-    with pytest.raises(ValueError, match="offset"):
-        s.load_state_dict({**state, "offset": -1})
+    with pytest.raises(ValueError, match="position"):
+        s.load_state_dict({**state, "position": -1})
     with pytest.raises(ValueError, match="missing epoch"):
         s.load_state_dict({k: v for k, v in state.items() if k != "epoch"})
 

@@ -10,7 +10,14 @@ without replacement. The two draws are then shuffled together.
 All randomness comes from `np.random.default_rng([seed, epoch])`, so every rank and every restart
 sees the same epoch list. Ranks take interleaved positions of that list (like
 `torch.utils.data.DistributedSampler`), and `state_dict`/`load_state_dict` let a crashed run skip
-what this rank already consumed in the interrupted epoch.
+what was already consumed in the interrupted epoch.
+
+The resume point is a *global* position: the first `position` entries of the epoch list are done
+(every rank consumed `position / num_replicas`). The rest, `epoch list[position:]`, padded by
+wrapping to the epoch's start as an uninterrupted epoch is, is sharded over however many ranks
+the resumed run has: on the same world size exactly the shards the uninterrupted run had left, on
+another each remaining sample once (plus at most num_replicas - 1 wrapped duplicates to even the
+shards).
 """
 from __future__ import annotations
 
@@ -24,8 +31,8 @@ from torch.utils.data import Sampler
 
 log = logging.getLogger(__name__)
 
-# Fields that must match for a saved offset to point at the same samples after a restart.
-_STATE_MUST_MATCH = ("seed", "sensor_ratio", "num_replicas", "epoch_size")
+# Fields that must match for a saved position to point at the same samples after a restart.
+_STATE_MUST_MATCH = ("seed", "sensor_ratio", "epoch_size")
 
 
 def _draw_cycled(group: np.ndarray, k: int, rng: np.random.Generator | None) -> np.ndarray:
@@ -127,7 +134,7 @@ class BalancedDistributedSampler(Sampler[int]):
         self.epoch_size = int(epoch_size)
         self.drop_last = bool(drop_last)
         self.epoch = 0
-        # (epoch, offset) from load_state_dict, consumed by the next __iter__ of that epoch.
+        # (epoch, global position) from load_state_dict, consumed by the next __iter__ of that epoch.
         self._resume: tuple[int, int] | None = None
         if self.drop_last:
             self.num_samples = self.epoch_size // self.num_replicas
@@ -165,21 +172,31 @@ class BalancedDistributedSampler(Sampler[int]):
         indices = self.epoch_indices(self.epoch if epoch is None else epoch)
         return float(self.has_sensor[indices].mean())
 
-    def rank_indices(self, epoch: int) -> np.ndarray:
-        """This rank's full shard for `epoch`: positions rank, rank + R, ... of the padded list."""
+    def rank_indices(self, epoch: int, position: int = 0) -> np.ndarray:
+        """This rank's shard of `epoch` from global `position` on: positions position + rank,
+        position + rank + R, ... of the list padded by wrapping (truncated for drop_last)."""
         indices = self.epoch_indices(epoch)
-        # np.resize repeats from the start, i.e. pads by wrapping (or truncates for drop_last).
-        indices = np.resize(indices, self.total_size)
-        return indices[self.rank : self.total_size : self.num_replicas]
+        if self.drop_last:
+            rest = indices[position : self.total_size]
+            rest = rest[: len(rest) // self.num_replicas * self.num_replicas]
+        else:
+            rest = indices[position:]
+            # np.resize repeats from the start: pad by wrapping to the epoch's first samples
+            rest = np.concatenate([rest, np.resize(indices, (-len(rest)) % self.num_replicas)])
+        return rest[self.rank :: self.num_replicas]
+
+    def remaining(self) -> int:
+        """Indices this rank's next __iter__ yields (a resumed epoch's rest, else a full shard)."""
+        start = self._resume[1] if self._resume is not None and self._resume[0] == self.epoch else 0
+        return len(self.rank_indices(self.epoch, start))
 
     def __iter__(self) -> Iterator[int]:
-        shard = self.rank_indices(self.epoch)
         start = 0
         if self._resume is not None and self._resume[0] == self.epoch:
             start = self._resume[1]
-        # The offset applies to one pass only: a later pass of the same epoch is a full one.
+        # The position applies to one pass only: a later pass of the same epoch is a full one.
         self._resume = None
-        return iter(shard[start:].tolist())
+        return iter(self.rank_indices(self.epoch, start).tolist())
 
     def __len__(self) -> int:
         return self.num_samples
@@ -192,39 +209,42 @@ class BalancedDistributedSampler(Sampler[int]):
         if self._resume is not None and self._resume[0] != self.epoch:
             self._resume = None
 
-    def state_dict(self, consumed: int) -> dict:
-        """JSON-serializable state; `consumed` = indices this rank already used in the current epoch."""
+    def state_dict(self, consumed: int, base: int = 0) -> dict:
+        """JSON-serializable state; `consumed` = indices each rank used in the current epoch since
+        global position `base` (where a resumed epoch started; 0 for an epoch started here)."""
         if not 0 <= consumed <= self.num_samples:
             raise ValueError(f"consumed must be in [0, {self.num_samples}] (this rank's samples per epoch), got {consumed}")
         return {
             "epoch": self.epoch,
-            "offset": int(consumed),
+            "position": int(base + consumed * self.num_replicas),
             "seed": self.seed,
             "sensor_ratio": self.sensor_ratio,
             "num_replicas": self.num_replicas,
             "epoch_size": self.epoch_size,
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore the epoch; the next __iter__ of that epoch skips the first `offset` indices.
+    def load_state_dict(self, state: dict) -> int:
+        """Restore the epoch; its next __iter__ starts at the saved global position, re-sharded over
+        this sampler's ranks. Returns that position. A state of the older format (a per-rank
+        `offset`) reads as position offset x its num_replicas.
 
-        Refuses a state saved with another seed, ratio, world size or epoch size: the saved
-        offset would then point at different samples.
+        Refuses a state saved with another seed, ratio or epoch size: the position would then point
+        at different samples. Another world size is fine (the rest is re-sharded).
         """
-        missing = [k for k in ("epoch", "offset", *_STATE_MUST_MATCH) if k not in state]
+        if "position" not in state and "offset" in state and "num_replicas" in state:
+            state = {**state, "position": int(state["offset"]) * int(state["num_replicas"])}
+        missing = [k for k in ("epoch", "position", *_STATE_MUST_MATCH) if k not in state]
         if missing:
             raise ValueError(f"sampler state is missing {', '.join(missing)}; pass a dict from BalancedDistributedSampler.state_dict")
         for key in _STATE_MUST_MATCH:
             saved, current = state[key], getattr(self, key)
             if saved != current:
-                hint = (
-                    "a different world size changes every rank's shard; resume with the same number of ranks or start a fresh epoch"
-                    if key == "num_replicas"
-                    else f"resume with the same {key} or start a fresh epoch"
-                )
-                raise ValueError(f"sampler state has {key}={saved!r} but this sampler has {key}={current!r}: {hint}")
-        epoch, offset = int(state["epoch"]), int(state["offset"])
-        if epoch < 0 or not 0 <= offset <= self.num_samples:
-            raise ValueError(f"sampler state has epoch={epoch}, offset={offset}; offset must be in [0, {self.num_samples}] and epoch >= 0")
+                raise ValueError(f"sampler state has {key}={saved!r} but this sampler has {key}={current!r}: "
+                                 f"resume with the same {key} or start a fresh epoch")
+        epoch, position = int(state["epoch"]), int(state["position"])
+        if epoch < 0 or position < 0:
+            raise ValueError(f"sampler state has epoch={epoch}, position={position}; both must be >= 0")
         self.epoch = epoch
-        self._resume = (epoch, offset)
+        # (a position past the epoch's end was in the wrapped padding: nothing of the epoch is left)
+        self._resume = (epoch, min(position, self.epoch_size))
+        return self._resume[1]

@@ -134,7 +134,10 @@ def save_checkpoint(run_dir: Path, step: int, engine, policy, trainer_state: dic
         shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crash in an earlier save
         (tmp / "rng").mkdir(parents=True)
     dist.barrier()
-    engine.save_checkpoint(str(tmp / "ds"), tag=name)
+    from vla_ds.train.elastic import universal_info
+
+    # (the client state that lets `vla_ds.train.elastic` convert it for another world size)
+    engine.save_checkpoint(str(tmp / "ds"), tag=name, client_state=universal_info())
     js, tensors = rng_state()
     write_json(tmp / "rng" / f"rank_{rank:05d}.json", js)
     save_file(tensors, str(tmp / "rng" / f"rank_{rank:05d}.safetensors"))
@@ -249,14 +252,9 @@ def _newest_whole(root: Path) -> Path | None:
     return None
 
 
-def check_compatible(saved: dict, world_size: int, model_config: dict) -> None:
-    """One-line refusals for a checkpoint that cannot continue this run."""
-    if saved["world_size"] != world_size:
-        raise UsageError(
-            f"--resume: the checkpoint was written by {saved['world_size']} process(es), this run has {world_size}; "
-            f"resume with {saved['world_size']} processes, or convert it with `vla-ds convert CHECKPOINT OUT` and start "
-            "a new run with --init-from OUT (fresh optimizer)"
-        )
+def check_compatible(saved: dict, model_config: dict) -> None:
+    """One-line refusal for a checkpoint that cannot continue this run (another world size can:
+    vla_ds/train/elastic.py)."""
     diff = [f"{k} ({saved['model'].get(k)!r} -> {model_config.get(k)!r})"
             for k in sorted(set(saved["model"]) | set(model_config)) if saved["model"].get(k) != model_config.get(k)]
     if diff:
@@ -282,19 +280,36 @@ def safe_loading(engine):
         engine.checkpoint_engine = saved
 
 
-def load_checkpoint(step_dir: Path, engine, *, world_size: int, model_config: dict) -> dict:
+def load_checkpoint(step_dir: Path, engine, *, model_config: dict, universal: bool = False) -> dict:
     """Collective. Restore the engine (weights, optimizer states) and this rank's RNG from `step_dir`;
     returns its trainer_state.json, from which the caller restores its own schedule, sampler and
-    bookkeeping. Refuses (one line) a checkpoint of another world size or model config."""
+    bookkeeping. Refuses (one line) a checkpoint of another model config. `universal`: the step was
+    written by another number of processes; the engine (configured with "load_universal") reads
+    STEP/universal/, which `vla_ds.train.elastic.to_universal` made."""
     from safetensors.torch import load_file
 
+    from vla_ds.train.elastic import UNIVERSAL, rng_rank
+
     saved = json.loads((step_dir / STATE_FILE).read_text())
-    check_compatible(saved, world_size, model_config)
+    check_compatible(saved, model_config)
+    source = step_dir / (UNIVERSAL if universal else "ds")
+    # ZeRO-3's universal load gives every param group the hyperparameters of group 0 (lr, weight
+    # decay, names); ours differ per group (no_decay groups, per-module lr): put them back after it
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
     with safe_loading(engine):
-        load_path, _ = engine.load_checkpoint(str(step_dir / "ds"), tag=step_dir.name, load_optimizer_states=True,
+        load_path, _ = engine.load_checkpoint(str(source), tag=step_dir.name, load_optimizer_states=True,
                                               load_lr_scheduler_states=False)
+    if universal:
+        for g, mine in zip(engine.optimizer.param_groups, groups):
+            g.update(mine)
+        # ... and one `step` tensor shared by every partition's state: each group's Adam step would
+        # advance it once per optimizer step (7 after one step of 5 groups), breaking bias correction
+        inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+        for st in inner.state.values():
+            if torch.is_tensor(st.get("step")):
+                st["step"] = st["step"].clone()
     if load_path is None:
-        raise UsageError(f"--resume {step_dir}: DeepSpeed found no engine state in {step_dir / 'ds'}")
-    rng = step_dir / "rng" / f"rank_{dist.get_rank():05d}"
+        raise UsageError(f"--resume {step_dir}: DeepSpeed found no engine state in {source}")
+    rng = step_dir / "rng" / f"rank_{rng_rank(dist.get_rank(), saved['world_size']):05d}"
     set_rng_state(json.loads(rng.with_suffix(".json").read_text()), load_file(str(rng.with_suffix(".safetensors"))))
     return saved

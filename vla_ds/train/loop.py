@@ -24,8 +24,10 @@ vla_ds/train/datasets.py.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,10 +37,11 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from vla_ds.config import TrainConfig, save_config
+from vla_ds.config import TrainConfig, save_config, with_world
 from vla_ds.errors import UsageError
 from vla_ds.train.metrics import Tally
 from vla_ds.utils.dist import device_for, init_distributed
+from vla_ds.utils.faults import trace_samples
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +52,8 @@ class TrainState:
 
     step: int = 0  # optimizer steps done
     epoch: int = 0
-    consumed: int = 0  # samples this rank consumed in the current epoch
+    consumed: int = 0  # samples this rank consumed in the current epoch since `base`
+    base: int = 0  # the global position in the epoch where this layout started it (a resume's)
     best_val_loss: float | None = None  # the best value of --best-metric so far (the val loss by default)
     wandb_run_id: str | None = None
     losses: list = field(default_factory=list)  # (step, train/loss_step) history of this process
@@ -77,7 +81,8 @@ class Trainer:
         from vla_ds.train.engine import check_combination
         from vla_ds.train.init_from import weights_file
 
-        self.cfg = cfg
+        # --global-batch-size -> --grad-accum-steps for the launch's world size, before anything starts
+        self.cfg = cfg = with_world(cfg, int(os.environ.get("WORLD_SIZE", "1")))
         self.phase = phase or _no_phase
         ds_raw = load_ds_config(cfg.run.ds_config)
         check_combination(cfg, ds_raw)  # before anything heavy loads, as is what --resume and --init-from name:
@@ -102,6 +107,7 @@ class Trainer:
             grad_clip=cfg.optim.grad_clip, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
             hidden_size=hidden_size(read_backbone_config(cfg.model.backbone)),
         )
+        self._prepare_elastic()
         with self.phase("engine_init"):
             self._build_engine()
         self.state = TrainState()
@@ -111,19 +117,40 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
 
+    def _prepare_elastic(self) -> None:
+        """Collective. A checkpoint of another world size is read as a universal checkpoint
+        (vla_ds/train/elastic.py): rank 0 converts it once, the engine is told to load that format."""
+        from vla_ds.train.checkpoint import STATE_FILE
+        from vla_ds.train.elastic import to_universal
+
+        saved = json.loads((self.resume_from / STATE_FILE).read_text()) if self.resume_from else None
+        self.elastic = saved is not None and saved["world_size"] != self.world
+        if not self.elastic:
+            return
+        self.ds_config["checkpoint"] = {**self.ds_config.get("checkpoint", {}), "load_universal": True}
+        if self.rank == 0:
+            to_universal(self.resume_from)
+        dist.barrier()
+
     def _resume(self) -> None:
-        """Collective. Continue from a checkpoint when --resume finds one."""
+        """Collective. Continue from a checkpoint when --resume finds one (of any world size)."""
         from vla_ds.train.checkpoint import load_checkpoint
+        from vla_ds.train.elastic import reshard_notice
         from vla_ds.train.metrics import truncate_metrics
 
         step_dir = self.resume_from
         if step_dir is None:
             return
-        saved = load_checkpoint(step_dir, self.engine, world_size=self.world, model_config=self.cfg.model.to_dict())
+        saved = load_checkpoint(step_dir, self.engine, model_config=self.cfg.model.to_dict(), universal=self.elastic)
         self.schedule.load_state_dict(saved["schedule"])
-        self.sampler.load_state_dict(saved["sampler"])
         st = self.state
-        st.step, st.epoch, st.consumed = saved["step"], saved["epoch"], saved["consumed"]
+        st.base = self.sampler.load_state_dict(saved["sampler"])
+        st.step, st.epoch, st.consumed = saved["step"], saved["epoch"], 0
+        if self.elastic:
+            if self.cfg.optim.max_steps is None:  # the schedule's length, not one recomputed for this layout
+                self.total_steps = saved["total_steps"]
+            if self.rank == 0:
+                log.warning(reshard_notice(saved, self.world, self.cfg.data.batch_size, self.cfg.optim.grad_accum_steps))
         st.best_val_loss, st.wandb_run_id = saved["best_val_loss"], saved["wandb_run_id"]
         self._saved_step = st.step
         if self.rank == 0:
@@ -132,16 +159,16 @@ class Trainer:
         if self.cfg.run.rewarm:
             msg = f"; lr re-warmed over {self.schedule.rewarm()} steps"
         log.info("resumed from %s: step %d, epoch %d, %d samples into the epoch%s", step_dir, st.step, st.epoch,
-                 st.consumed, msg)
+                 st.base, msg)
 
     def state_for_checkpoint(self) -> dict:
         """trainer_state.json: everything besides the engine needed to continue exactly."""
         st = self.state
         return {
-            "format": 1, "step": st.step, "epoch": st.epoch, "consumed": st.consumed,
+            "format": 2, "step": st.step, "epoch": st.epoch, "position": st.base + st.consumed * self.world,
             "best_val_loss": st.best_val_loss, "wandb_run_id": st.wandb_run_id, "world_size": self.world,
             "micro_batch": self.cfg.data.batch_size, "grad_accum_steps": self.cfg.optim.grad_accum_steps,
-            "total_steps": self.total_steps, "sampler": self.sampler.state_dict(st.consumed),
+            "total_steps": self.total_steps, "sampler": self.sampler.state_dict(st.consumed, st.base),
             "schedule": self.schedule.state_dict(), "model": self.cfg.model.to_dict(),
         }
 
@@ -301,11 +328,15 @@ class Trainer:
         cfg, st = self.cfg, self.state
         accum = cfg.optim.grad_accum_steps
         self.sampler.set_epoch(st.epoch)
-        micro_left = self.steps_per_epoch * accum - st.consumed // cfg.data.batch_size
+        # whole optimizer steps in what the sampler has left of the epoch (all of it unless resumed)
+        micro_left = self.sampler.remaining() // (cfg.data.batch_size * accum) * accum
         epoch, step, window = Tally(), Tally(), Tally()
+        done = 0
         for k, batch in enumerate(self.loader(self.train_ds, self.sampler)):
             if k >= micro_left or st.step >= self.total_steps:
                 break  # the epoch's tail that does not fill an optimizer step is dropped
+            done += 1
+            trace_samples(st.step + 1, st.epoch, self.rank, batch["sample_ids"])
             loss, n_sensor = self.micro_step(batch)
             st.consumed += len(batch["sample_ids"])
             step.add(loss, n_sensor, len(batch["sample_ids"]))
@@ -313,7 +344,7 @@ class Trainer:
                 self._end_step(step, window)
                 epoch.merge(step)
                 step = Tally()
-        if st.consumed // (cfg.data.batch_size * accum) >= self.steps_per_epoch or st.step >= self.total_steps:
+        if done >= micro_left or st.step >= self.total_steps:
             e = epoch.all_sum(self.device)
             row = {"train/loss_epoch": e.loss / max(e.micro, 1), "train/sensor_ratio": e.sensor / max(e.samples, 1),
                    "epoch": st.epoch}
@@ -322,7 +353,7 @@ class Trainer:
             if cfg.optim.sched_on == "epoch":
                 self.schedule.step()
             st.epoch += 1
-            st.consumed = 0
+            st.consumed = st.base = 0
             improved = self._measure(val=not cfg.run.val_every, evaluate=False)
             self.checkpoint(best=improved)
 

@@ -1,4 +1,4 @@
-"""One fault-injection hook, for the tests that prove a crash loses nothing.
+"""One fault-injection hook, for the tests that prove a crash loses nothing, and one trace.
 
 `VLA_DS_FAULT=<point>:<n>` SIGKILLs this process when it reaches `point` with value `n`: a real
 crash (no clean-up, no atexit handlers, no lock released). The points:
@@ -7,14 +7,20 @@ crash (no clean-up, no atexit handlers, no lock released). The points:
     crash_in_save:N        training, rank 0, inside the save of step N: shards written, not renamed
     cache_after_shards:N   cache build, after this rank's N-th shard commit
     cache_mid_shard:N      cache build, after shard N+1's arrays, before its commit
+
+`VLA_DS_TRACE_SAMPLES=DIR` makes every training rank append, per micro-batch, one JSON line
+{"step", "epoch", "rank", "ids"} to DIR/rank_<r>.jsonl: which samples each optimizer step saw (the
+tests of a resume on another world size check that the rest of an epoch is covered exactly once).
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 
 ENV = "VLA_DS_FAULT"
+TRACE_ENV = "VLA_DS_TRACE_SAMPLES"
 
 
 def fault_point(point: str, n: int) -> None:
@@ -22,3 +28,12 @@ def fault_point(point: str, n: int) -> None:
     if os.environ.get(ENV, "") == f"{point}:{n}":
         logging.shutdown()
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def trace_samples(step: int, epoch: int, rank: int, sample_ids: list[str]) -> None:
+    """Append this micro-batch's sample ids to $VLA_DS_TRACE_SAMPLES/rank_<rank>.jsonl, if set."""
+    root = os.environ.get(TRACE_ENV)
+    if root:
+        os.makedirs(root, exist_ok=True)
+        with open(os.path.join(root, f"rank_{rank}.jsonl"), "a") as f:
+            f.write(json.dumps({"step": step, "epoch": epoch, "rank": rank, "ids": list(sample_ids)}) + "\n")

@@ -82,7 +82,9 @@ def load_torch_state(path: str | os.PathLike, map_location=None, mmap: bool = Fa
 
     try:
         with torch.serialization.safe_globals(_allowed_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+            # torch.serialization.load, not torch.load: a caller may have routed torch.load here
+            # (vla_ds/train/elastic.py does, around DeepSpeed's converter)
+            return torch.serialization.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         found = re.search(r"(?:GLOBAL|global) ([\w.]+)", str(e))
         what = f"references {found.group(1)}" if found else "holds objects other than tensors and DeepSpeed's state"
