@@ -157,8 +157,11 @@ def ckpt_resume_damaged_path(env: Env) -> Scenario:
 
 
 def ckpt_other_world_size(env: Env) -> Scenario:
-    out, _ = _run_copy(env)
-    return Scenario(argv=_resume(env, out), names=["--resume", "2 process(es)", "vla-ds convert"], keep=[out])
+    """A 2-process checkpoint resumed on 1 process goes through DeepSpeed's universal converter,
+    which reads every shard: a crafted one is refused there too, and runs nothing."""
+    out, step = _run_copy(env, payload=SHARD)
+    return Scenario(argv=_resume(env, out), names=[str(step / "ds" / STEP / SHARD), "refused", "posix.system"],
+                    keep=[out], after=_never_ran(env.tmp / "pwned"))
 
 
 def ckpt_other_model(env: Env) -> Scenario:
@@ -304,7 +307,8 @@ CASES: list[Case] = [
     Case("cache-07", "--cache-policy require with a cache built at another --max-pixels", cache_stale),
     Case("ckpt-01", "every checkpoint of the run is damaged (--resume auto)", ckpt_every_damaged),
     Case("ckpt-02", "--resume names a damaged checkpoint", ckpt_resume_damaged_path),
-    Case("ckpt-03", "resume with another number of processes than the checkpoint's", ckpt_other_world_size),
+    Case("ckpt-03", "resume on another number of processes a checkpoint whose optimizer shard runs a shell command",
+         ckpt_other_world_size),
     Case("ckpt-04", "resume with another model than the checkpoint's (--fusion-strategy)", ckpt_other_model),
     Case("ckpt-05", "--resume names a directory that is no checkpoint", ckpt_not_a_checkpoint),
     Case("ckpt-06", "--resume names a step directory whose save never finished", ckpt_incomplete_step),

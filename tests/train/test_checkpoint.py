@@ -47,7 +47,7 @@ def shared_runs(ctx) -> dict:
     if not any(ctx.selected(t) for t in ("test_sigkill_then_resume_reproduces_the_uninterrupted_losses",
                                          "test_crash_inside_a_save_leaves_latest_loadable",
                                          "test_pointers_follow_validation_and_old_checkpoints_are_pruned",
-                                         "test_resume_refuses_another_world_size_or_model",
+                                         "test_resume_on_one_process_continues_a_two_process_run_but_refuses_another_model",
                                          "test_a_flow_head_resumes_its_noise_exactly")):
         return {}
     root, data, bb = ctx.root("checkpoint_runs"), ctx.fixture("train_data"), ctx.fixture("tiny_model_dir")
@@ -131,16 +131,17 @@ def test_pointers_follow_validation_and_old_checkpoints_are_pruned(runs):
     assert f"step_{best_step:06d}" in kept and "step_000010" in kept and len(kept) <= 3
 
 
-def test_resume_refuses_another_world_size_or_model(tmp_path, train_data, tiny_model_dir, zero2_run, runs, capfd,
-                                                    in_process_group):
+def test_resume_on_one_process_continues_a_two_process_run_but_refuses_another_model(
+        tmp_path, train_data, tiny_model_dir, zero2_run, runs, caplog, in_process_group):
     from vla_ds.cli.train import launcher_main
 
     out = tmp_path / "run"
     shutil.copytree(zero2_run, out, symlinks=True)  # 2 processes, LoRA + sensor, the model of _args
-    # one process: the training entry inside this process, a group of one
-    assert launcher_main(["--mode", "train", *_args(train_data, tiny_model_dir, out, "--max-steps", "4")]) == 2
-    line = [ln for ln in capfd.readouterr().err.splitlines() if "vla-ds train:" in ln]
-    assert len(line) == 1 and "2 process(es)" in line[0] and "vla-ds convert" in line[0]
+    # one process: the training entry inside this process, a group of one; steps 3 and 4 on it
+    assert launcher_main(["--mode", "train", *_args(train_data, tiny_model_dir, out, "--max-steps", "4")]) == 0
+    assert "re-sharded a checkpoint of 2 process(es)" in caplog.text and "global batch changed from 4 to 2" in caplog.text
+    assert (out / "checkpoints" / "step_000002" / "universal" / "step_000002" / "zero").is_dir()
+    assert sorted(loss_by_step(metrics_rows(out))) == [1, 2, 3, 4]
     refused = runs["refused"]
     line = [ln for ln in refused["log"].splitlines() if "vla-ds train:" in ln]
     assert len(line) == 1 and "fusion_strategy ('concat' -> 'gated')" in line[0]

@@ -81,8 +81,17 @@ def to_universal(step_dir: Path, out: Path | None = None) -> Path:
     args = argparse.Namespace(input_folder=str(src), output_folder=str(tmp / tag), num_extract_workers=1,
                               num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
     log.info("converting %s to a universal checkpoint in %s (once)", src, out)
-    with _safe_torch_load(), contextlib.redirect_stdout(io.StringIO()):
-        ds_to_universal.main(args)
+    try:
+        with _safe_torch_load(), contextlib.redirect_stdout(io.StringIO()):
+            ds_to_universal.main(args)
+    except UsageError:  # a shard refused by the safe loader: nothing is left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    except Exception as e:  # DeepSpeed's converter asserts; one line, and the checkpoint as it was
+        shutil.rmtree(tmp, ignore_errors=True)
+        why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise UsageError(f"--resume {step_dir}: DeepSpeed could not convert it for another number of processes "
+                         f"({why}); resume with the number of processes that wrote it") from None
     (tmp / "latest_universal").write_text(tag)
     if out.exists():
         shutil.rmtree(out)

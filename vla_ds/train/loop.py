@@ -40,7 +40,7 @@ import yaml
 from vla_ds.config import TrainConfig, save_config, with_world
 from vla_ds.errors import UsageError
 from vla_ds.train.metrics import Tally
-from vla_ds.utils.dist import device_for, init_distributed
+from vla_ds.utils.dist import device_for, init_distributed, share
 from vla_ds.utils.faults import trace_samples
 
 log = logging.getLogger(__name__)
@@ -128,9 +128,15 @@ class Trainer:
         if not self.elastic:
             return
         self.ds_config["checkpoint"] = {**self.ds_config.get("checkpoint", {}), "load_universal": True}
+        failed = None
         if self.rank == 0:
-            to_universal(self.resume_from)
-        dist.barrier()
+            try:
+                to_universal(self.resume_from)
+            except UsageError as e:  # (a damaged or crafted shard): every rank stops with its line
+                failed = str(e)
+        failed = share(failed, self.world)
+        if failed:
+            raise UsageError(failed)
 
     def _resume(self) -> None:
         """Collective. Continue from a checkpoint when --resume finds one (of any world size)."""
@@ -336,7 +342,7 @@ class Trainer:
             if k >= micro_left or st.step >= self.total_steps:
                 break  # the epoch's tail that does not fill an optimizer step is dropped
             done += 1
-            trace_samples(st.step + 1, st.epoch, self.rank, batch["sample_ids"])
+            trace_samples(self.run_dir, st.step + 1, st.epoch, self.rank, batch["sample_ids"])
             loss, n_sensor = self.micro_step(batch)
             st.consumed += len(batch["sample_ids"])
             step.add(loss, n_sensor, len(batch["sample_ids"]))
