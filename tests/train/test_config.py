@@ -149,3 +149,23 @@ def test_a_cpu_engine_steps_with_torchs_adamw(repo_root, in_process_group):
         engine.backward(engine(torch.ones(2, 8)).pow(2).mean())
         engine.step()
         assert not torch.equal(before, model.weight.detach())
+
+
+@pytest.mark.parametrize("world, micro, accum", [(1, 2, 8), (2, 2, 4), (4, 4, 1), (8, 1, 2)])
+def test_the_global_batch_size_sets_the_accumulation_for_the_world_size(world, micro, accum):
+    from vla_ds.config import with_world
+
+    cfg = TrainConfig.from_flat({"data": ["d"], "batch_size": micro, "global_batch_size": 16, "grad_accum_steps": 3})
+    got = with_world(cfg, world)
+    assert got.optim.grad_accum_steps == accum and world * micro * accum == 16
+    assert with_world(TrainConfig.from_flat({"data": ["d"], "grad_accum_steps": 3}), world).optim.grad_accum_steps == 3
+
+
+def test_a_global_batch_size_that_does_not_divide_is_one_line():
+    from vla_ds.config import with_world
+
+    cfg = TrainConfig.from_flat({"data": ["d"], "batch_size": 2, "global_batch_size": 12})
+    with pytest.raises(UsageError, match=r"--global-batch-size 12 is not a multiple of 4 process\(es\) x --batch-size 2 = 8"):
+        with_world(cfg, 4)
+    with pytest.raises(ValueError, match="--global-batch-size must be >= 1"):
+        TrainConfig.from_flat({"data": ["d"], "global_batch_size": 0})

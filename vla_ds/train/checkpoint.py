@@ -13,6 +13,8 @@ Layout of `RUN_DIR/checkpoints/`:
       rng/rank_00000.json      python / numpy RNG states of each rank (JSON)
       rng/rank_00000.safetensors   torch CPU (and CUDA) generator states of each rank
       manifest.json            every file above with its size, written last (`vla_ds.utils.integrity`)
+      universal/step_000500/   after a resume on another number of processes only: the step as a
+                               DeepSpeed universal checkpoint (vla_ds/train/elastic.py), derived, kept
     latest -> step_000500      relative symlinks, replaced atomically; `best` follows the best
     best   -> step_000400      validation loss, `final` the end of training (the old trainer's
     final  -> step_001000      qwen_vla_sensor{,_best,_final}.pt)

@@ -18,6 +18,8 @@ Features:
     cache, batches carry cached features and the backbone's weights are never loaded
   - a phase hook (`Trainer(cfg, phase=...)`): a context manager around each stage -- model_load,
     engine_init, forward, backward, optimizer_step -- that `vla-ds profile` measures
+  - resume on any number of processes (vla_ds/train/elastic.py); --global-batch-size keeps the
+    effective batch when that number changes
 Checkpointing and resume live in vla_ds/train/checkpoint.py, the run's data in
 vla_ds/train/datasets.py.
 """
