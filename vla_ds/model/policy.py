@@ -331,7 +331,8 @@ class QwenVLA(nn.Module):
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
-            decay = p.ndim >= 2 and not name.endswith(_NO_DECAY_SUFFIXES)
+            ndim = len(getattr(p, "ds_shape", p.shape))  # (a ZeRO-3 partitioned parameter is flat)
+            decay = ndim >= 2 and not name.endswith(_NO_DECAY_SUFFIXES)
             buckets.setdefault((self.component_of(name), decay), []).append(p)
         groups = []
         for component in COMPONENTS:
@@ -346,7 +347,7 @@ class QwenVLA(nn.Module):
         """Millions of parameters: trainable_M, frozen_M and trainable per component (<component>_M)."""
         counts = {"trainable_M": 0.0, "frozen_M": 0.0, **{f"{c}_M": 0.0 for c in COMPONENTS}}
         for name, p in self.named_parameters():  # tied weights counted once
-            n = p.numel() / 1e6
+            n = getattr(p, "ds_numel", p.numel()) / 1e6  # (a ZeRO-3 partitioned parameter: its full size)
             if p.requires_grad:
                 counts["trainable_M"] += n
                 counts[f"{self.component_of(name)}_M"] += n
