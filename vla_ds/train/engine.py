@@ -5,7 +5,6 @@ The process group comes from `vla_ds.utils.dist.init_distributed`, the same unde
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 
 import torch
@@ -39,26 +38,6 @@ def check_combination(cfg: TrainConfig, ds_cfg: dict) -> None:
     if cfg.run.mode == "train" and m.finetune_vl != "none" and cfg.run.cache_policy == "require":
         raise UsageError(f"--cache-policy require with --finetune-vl {m.finetune_vl}: cached VL features would be "
                          "stale while the backbone trains; use --finetune-vl none or --cache-policy off")
-
-
-@contextlib.contextmanager
-def partitioned_loading(ds_cfg: dict, enabled: bool):
-    """Under ZeRO-3, build the backbone partitioned: transformers' `from_pretrained` sees an
-    `HfDeepSpeedConfig` and loads inside `deepspeed.zero.Init`, so each rank holds only its share of
-    the weights (gathered one module at a time while they load), never the whole backbone. The
-    policy's own heads and LoRA adapters are built whole and partitioned by `deepspeed.initialize`.
-    The config is unset afterwards: a later model in the same process (eval, another run) loads whole."""
-    if not enabled:
-        yield
-        return
-    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
-
-    keep = HfDeepSpeedConfig(ds_cfg)  # transformers holds it by a weak reference
-    try:
-        yield
-    finally:
-        del keep
-        unset_hf_deepspeed_config()
 
 
 def optimizer_groups(model, cfg: TrainConfig) -> list[dict]:

@@ -197,8 +197,6 @@ class Trainer:
         from vla_ds.data.sampler import BalancedDistributedSampler
         from vla_ds.model.policy import QwenVLA
         from vla_ds.train.datasets import build_datasets, open_cache
-        from vla_ds.train.ds_config import zero_stage
-        from vla_ds.train.engine import partitioned_loading
 
         cfg = self.cfg
         full, self.train_ds, self.val_ds = build_datasets(cfg, load_images=False)
@@ -215,18 +213,8 @@ class Trainer:
             for ds in (self.train_ds, self.val_ds):
                 if ds is not None:
                     ds.load_images = True
-        # ZeRO-3: the backbone loads partitioned (not with --init-from, which copies into whole weights)
-        self.partitioned = zero_stage(self.ds_config) == 3 and load_backbone and not cfg.run.init_from
-        with partitioned_loading(self.ds_config, self.partitioned):
-            self.model = QwenVLA(cfg.model, self.stats, device=self.device, load_backbone=load_backbone,
-                                 views=full.view_names)
-        self.param_counts = self.model.parameter_counts()
-        if load_backbone:  # what this rank holds of the backbone now (ZeRO-3: its share)
-            held = [(p.numel(), getattr(p, "ds_numel", p.numel())) for n, p in self.model.named_parameters()
-                    if n.startswith("vl.")]
-            log.info("backbone loaded %s: this rank holds %.3f M of its %.3f M parameters",
-                     "partitioned (ZeRO-3)" if self.partitioned else "whole", sum(h for h, _ in held) / 1e6,
-                     sum(f for _, f in held) / 1e6)
+        self.model = QwenVLA(cfg.model, self.stats, device=self.device, load_backbone=load_backbone, views=full.view_names)
+        self.param_counts = self.model.parameter_counts()  # before ZeRO-3 partitions the parameters
         if cfg.run.init_from:
             from vla_ds.train.init_from import load_init_weights
 
