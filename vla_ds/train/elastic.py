@@ -99,6 +99,30 @@ def to_universal(step_dir: Path, out: Path | None = None) -> Path:
     return out
 
 
+def prepare_resume(step_dir: Path | None, ds_config: dict, rank: int, world: int) -> bool:
+    """Collective. Whether resuming `step_dir` changes the world size; if so, rank 0 converts it
+    (`to_universal`, once) and `ds_config` gets "checkpoint": {"load_universal": true}. A conversion
+    that fails (a damaged or crafted shard) stops every rank with its one line."""
+    import json
+
+    from vla_ds.train.checkpoint import STATE_FILE
+    from vla_ds.utils.dist import share
+
+    if step_dir is None or json.loads((step_dir / STATE_FILE).read_text())["world_size"] == world:
+        return False
+    ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
+    failed = None
+    if rank == 0:
+        try:
+            to_universal(step_dir)
+        except UsageError as e:
+            failed = str(e)
+    failed = share(failed, world)
+    if failed:
+        raise UsageError(failed)
+    return True
+
+
 def reshard_notice(saved: dict, world: int, micro: int, accum: int) -> str:
     """The one line a resume on another world size logs (and a warning when the global batch moved)."""
     w, m, a = saved["world_size"], saved.get("micro_batch"), saved.get("grad_accum_steps")

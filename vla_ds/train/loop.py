@@ -26,7 +26,6 @@ vla_ds/train/datasets.py.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -42,7 +41,7 @@ import yaml
 from vla_ds.config import TrainConfig, save_config, with_world
 from vla_ds.errors import UsageError
 from vla_ds.train.metrics import Tally
-from vla_ds.utils.dist import device_for, init_distributed, share
+from vla_ds.utils.dist import device_for, init_distributed
 from vla_ds.utils.faults import trace_samples
 
 log = logging.getLogger(__name__)
@@ -109,7 +108,10 @@ class Trainer:
         from vla_ds.train.evaluation import InTrainingEval
 
         self.evaluator = InTrainingEval(self) if cfg.run.eval_every else None  # refuses a run without val now
-        self._prepare_elastic()
+        from vla_ds.train.elastic import prepare_resume
+
+        # another world size: the checkpoint converted once, the engine told to load that format
+        self.elastic = prepare_resume(self.resume_from, self.ds_config, self.rank, self.world)
         with self.phase("engine_init"):
             self._build_engine()
         self.state = TrainState()
@@ -118,27 +120,6 @@ class Trainer:
         if self.rank == 0:  # only now: a run refused on the way (its cache, its checkpoint) writes nothing
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
-
-    def _prepare_elastic(self) -> None:
-        """Collective. A checkpoint of another world size is read as a universal checkpoint
-        (vla_ds/train/elastic.py): rank 0 converts it once, the engine is told to load that format."""
-        from vla_ds.train.checkpoint import STATE_FILE
-        from vla_ds.train.elastic import to_universal
-
-        saved = json.loads((self.resume_from / STATE_FILE).read_text()) if self.resume_from else None
-        self.elastic = saved is not None and saved["world_size"] != self.world
-        if not self.elastic:
-            return
-        self.ds_config["checkpoint"] = {**self.ds_config.get("checkpoint", {}), "load_universal": True}
-        failed = None
-        if self.rank == 0:
-            try:
-                to_universal(self.resume_from)
-            except UsageError as e:  # (a damaged or crafted shard): every rank stops with its line
-                failed = str(e)
-        failed = share(failed, self.world)
-        if failed:
-            raise UsageError(failed)
 
     def _resume(self) -> None:
         """Collective. Continue from a checkpoint when --resume finds one (of any world size)."""
