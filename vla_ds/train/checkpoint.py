@@ -254,6 +254,11 @@ def _newest_whole(root: Path) -> Path | None:
     return None
 
 
+def saved_world_size(step_dir: Path | None) -> int | None:
+    """The number of processes that wrote `step_dir` (None: no checkpoint)."""
+    return json.loads((step_dir / STATE_FILE).read_text())["world_size"] if step_dir is not None else None
+
+
 def check_compatible(saved: dict, model_config: dict) -> None:
     """One-line refusal for a checkpoint that cannot continue this run (another world size can:
     vla_ds/train/elastic.py)."""

@@ -99,16 +99,14 @@ def to_universal(step_dir: Path, out: Path | None = None) -> Path:
     return out
 
 
-def prepare_resume(step_dir: Path | None, ds_config: dict, rank: int, world: int) -> bool:
-    """Collective. Whether resuming `step_dir` changes the world size; if so, rank 0 converts it
-    (`to_universal`, once) and `ds_config` gets "checkpoint": {"load_universal": true}. A conversion
-    that fails (a damaged or crafted shard) stops every rank with its one line."""
-    import json
-
-    from vla_ds.train.checkpoint import STATE_FILE
+def prepare_resume(step_dir: Path | None, saved_world: int | None, ds_config: dict, rank: int, world: int) -> bool:
+    """Collective. Whether resuming `step_dir` (written by `saved_world` processes) changes the world
+    size; if so, rank 0 converts it (`to_universal`, once) and `ds_config` gets "checkpoint":
+    {"load_universal": true}. A conversion that fails (a damaged or crafted shard) stops every rank
+    with its one line."""
     from vla_ds.utils.dist import share
 
-    if step_dir is None or json.loads((step_dir / STATE_FILE).read_text())["world_size"] == world:
+    if step_dir is None or saved_world == world:
         return False
     ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
     failed = None

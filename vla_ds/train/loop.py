@@ -108,10 +108,12 @@ class Trainer:
         from vla_ds.train.evaluation import InTrainingEval
 
         self.evaluator = InTrainingEval(self) if cfg.run.eval_every else None  # refuses a run without val now
+        from vla_ds.train.checkpoint import saved_world_size
         from vla_ds.train.elastic import prepare_resume
 
         # another world size: the checkpoint converted once, the engine told to load that format
-        self.elastic = prepare_resume(self.resume_from, self.ds_config, self.rank, self.world)
+        self.elastic = prepare_resume(self.resume_from, saved_world_size(self.resume_from), self.ds_config,
+                                      self.rank, self.world)
         with self.phase("engine_init"):
             self._build_engine()
         self.state = TrainState()
