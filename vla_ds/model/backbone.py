@@ -51,8 +51,12 @@ def load_vl_model(
     attn_implementation: str = "sdpa",
     device: torch.device | str | None = None,
     load_in_8bit: bool = False,
+    zero3: dict | None = None,
 ):
     """`Qwen2_5_VLForConditionalGeneration.from_pretrained(path)` in eval mode on `device`.
+
+    `zero3`, a resolved ZeRO-3 DeepSpeed config: Collective; the model is built partitioned, each
+    rank reading only its shard of the weights (`vla_ds.model.zero3_load`), never the whole backbone.
 
     With `load_in_8bit` the language model's linear layers become bitsandbytes int8 layers, loaded
     straight onto `device` (CPU included: bitsandbytes >= 0.45 has a CPU backend); the vision tower
@@ -66,6 +70,10 @@ def load_vl_model(
         if not is_flash_attn_2_available():
             raise ValueError("--attn-implementation flash_attention_2 needs the flash-attn package; use sdpa")
     dtype = dtype or default_dtype(device)
+    if zero3 is not None and not load_in_8bit:  # 8-bit with ZeRO-3 is refused before this (train.engine)
+        from vla_ds.model.zero3_load import load_partitioned
+
+        return load_partitioned(path, dtype, attn_implementation, zero3)
     kwargs = {}
     if load_in_8bit:
         from transformers import BitsAndBytesConfig

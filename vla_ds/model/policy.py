@@ -74,11 +74,13 @@ class QwenVLA(nn.Module):
     `load_backbone=False` builds everything but the backbone weights (only its config is read, for
     D): such a policy runs on VL-cache batches (`vl_pooled`, optional `vl_tokens`) only, and needs
     `--finetune-vl none`. With `--load-in-8bit`, build it on its final `device`: bitsandbytes
-    layers cannot be moved afterwards.
+    layers cannot be moved afterwards. `zero3`, the trainer's resolved ZeRO-3 DeepSpeed config, builds
+    the backbone partitioned over the ranks (then the constructor is Collective); the policy's own
+    modules are built whole and partitioned by `deepspeed.initialize`.
     """
 
     def __init__(self, config: ModelConfig, stats: NormStats | None = None, device: torch.device | str | None = None,
-                 load_backbone: bool = True, vl_model=None, views: list[str] | None = None):
+                 load_backbone: bool = True, vl_model=None, views: list[str] | None = None, zero3: dict | None = None):
         super().__init__()
         self.config = config
         # The camera views it is trained on, in order (kept in config.json): predict refuses another
@@ -94,7 +96,7 @@ class QwenVLA(nn.Module):
             # parameters for `vla-ds plan`); such a policy has no processor and cannot encode images.
             model = vl_model if vl_model is not None else load_vl_model(
                 config.backbone, resolve_dtype(config.dtype, device), config.attn_implementation, device,
-                load_in_8bit=config.load_in_8bit)
+                load_in_8bit=config.load_in_8bit, zero3=zero3)
             apply_finetune(model, config)
             processor = load_processor(config.backbone, config.min_pixels, config.max_pixels) if vl_model is None else None
             self.vl = VLEncoder(model, processor, config.vl_feature_layer, config.resolved_vl_tokens)

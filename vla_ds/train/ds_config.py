@@ -88,6 +88,14 @@ def offloads_params(cfg: dict) -> bool:
     return dev.get("device", "none") not in ("none", None)
 
 
+def partitioned_load(cfg: dict) -> dict | None:
+    """The config to build the backbone partitioned with (ZeRO-3: no rank loads it whole), or None.
+    Parameters offloaded to NVMe load whole and are partitioned by deepspeed.initialize: the shards
+    would live in swap files that the loader does not write."""
+    dev = (cfg.get("zero_optimization", {}).get("offload_param", {}) or {}).get("device")
+    return cfg if zero_stage(cfg) == 3 and dev != "nvme" else None
+
+
 def bf16_supported() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 

@@ -10,9 +10,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
-
 from vla_ds.errors import UsageError
+from vla_ds.model.zero3_load import assign
 from vla_ds.utils.weights import refuse_pickle
 
 log = logging.getLogger(__name__)
@@ -44,14 +43,14 @@ def load_init_weights(model, path: str | Path) -> dict:
                          "the policy directory a vla-ds run or `vla-ds convert` wrote") from None
     params = dict(model.named_parameters(remove_duplicate=False))
     wanted = set(model.saved_parameter_names())
-    mismatched = [f"{n} {tuple(t.shape)} vs {tuple(params[n].shape)}" for n, t in tensors.items()
-                  if n in params and params[n].shape != t.shape]
+    shape = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in params.items()}  # ZeRO-3 shards: the whole shape
+    mismatched = [f"{n} {tuple(t.shape)} vs {shape[n]}" for n, t in tensors.items()
+                  if n in params and shape[n] != tuple(t.shape)]
     if mismatched:
         raise UsageError(f"--init-from {src}: shapes differ for {len(mismatched)} weight(s), e.g. {mismatched[0]}")
     loaded = [n for n in tensors if n in params]
-    with torch.no_grad():
-        for n in loaded:
-            params[n].copy_(tensors[n])
+    for n in loaded:  # a backbone built partitioned (ZeRO-3) takes this rank's range of each tensor
+        assign(params[n], tensors[n])
     report = {"loaded": sorted(loaded), "missing": sorted(wanted - set(tensors)),
               "unexpected": sorted(set(tensors) - set(params))}
     log.info("--init-from %s: %d weights loaded; %d missing (fresh init)%s; %d unexpected (ignored)%s", src,

@@ -180,6 +180,7 @@ class Trainer:
         from vla_ds.data.sampler import BalancedDistributedSampler
         from vla_ds.model.policy import QwenVLA
         from vla_ds.train.datasets import build_datasets, open_cache
+        from vla_ds.train.ds_config import partitioned_load
 
         cfg = self.cfg
         full, self.train_ds, self.val_ds = build_datasets(cfg, load_images=False)
@@ -196,7 +197,8 @@ class Trainer:
             for ds in (self.train_ds, self.val_ds):
                 if ds is not None:
                     ds.load_images = True
-        self.model = QwenVLA(cfg.model, self.stats, device=self.device, load_backbone=load_backbone, views=full.view_names)
+        self.model = QwenVLA(cfg.model, self.stats, device=self.device, load_backbone=load_backbone, views=full.view_names,
+                             zero3=partitioned_load(self.ds_config))  # ZeRO-3: each rank reads only its shard
         self.param_counts = self.model.parameter_counts()  # before ZeRO-3 partitions the parameters
         if cfg.run.init_from:
             from vla_ds.train.init_from import load_init_weights
