@@ -12,6 +12,7 @@ from collections import Counter
 import pytest
 
 from tests.helpers.runs import SMALL, metrics_rows, run_many
+from vla_ds.cli import main
 
 pytestmark = pytest.mark.slow
 
@@ -52,6 +53,8 @@ def runs(tmp_path_factory, train_data, tiny_model_dir, repo_root) -> dict:
               *(train(f"one_z{s}", s) for s in STAGES)], root / "b.json", nproc=1, env=TRACE)
     out.update({(s, 1): root / f"one_z{s}" for s in STAGES})
     out.update({(s, "from", 2): root / f"two_to_one_z{s}" for s in STAGES})
+    # ZeRO-3's 1 -> 2 resume reads a universal checkpoint made ahead of time by `vla-ds convert --universal`
+    assert main(["convert", str(out[3, 1] / step), "--universal"]) == 0
     run_many([train(f"one_to_two_z{s}", s, "--resume", str(out[s, 1] / step)) for s in STAGES], root / "c.json",
              nproc=2, env=TRACE)
     out.update({(s, "from", 1): root / f"one_to_two_z{s}" for s in STAGES})
@@ -82,6 +85,9 @@ def test_a_run_resumes_on_another_world_size_where_it_left_off(runs, stage, befo
     after = 3 - before
     assert f"re-sharded a checkpoint of {before} process(es)" in log and f"onto {after}" in log, log[-2000:]
     assert "global batch changed" not in log
+    # made on the resume's rank 0, or beforehand by `vla-ds convert --universal` (ZeRO-3, 1 -> 2)
+    assert ("converting" in log) == (not (stage == 3 and before == 1)), log[-2000:]
+    assert (source / "checkpoints" / "step_000002" / "universal" / "latest_universal").is_file()
     # the same schedule and, step by step, the same losses as the uninterrupted run on the other world size
     want, got = _by_step(source, "train/loss_step"), _by_step(resumed, "train/loss_step")
     assert sorted(got) == list(range(3, 8)), "the resumed run's own metrics start after the checkpoint"
@@ -100,3 +106,12 @@ def test_a_run_resumes_on_another_world_size_where_it_left_off(runs, stage, befo
     everything = set(IntegratedDataset(train_data, load_images=False).sample_ids())
     # 29 samples: 7 whole steps of 4, the epoch's last draw is the tail every layout drops
     assert len(everything) == 29 and len(epoch) == len(set(epoch)) == 28 and set(epoch) < everything
+
+
+def test_convert_universal_refuses_what_it_cannot_make(runs, tmp_path):
+    step = runs[2, 2] / "checkpoints" / "step_000002"
+    assert main(["convert", str(step), str(tmp_path / "out"), "--universal"]) == 2  # OUT_DIR: not with --universal
+    assert main(["convert", str(step), "--universal", "--merge-lora"]) == 2
+    assert main(["convert", str(step)]) == 2  # no OUT_DIR, no --universal
+    assert main(["convert", str(step / "ds"), "--universal"]) == 0  # a step's ds/ is its step
+    assert not (tmp_path / "out").exists()

@@ -19,7 +19,12 @@ def add_parser(sub, name: str) -> None:
                                "(RUN/checkpoints/latest|best|final), a run directory, or a raw DeepSpeed "
                                "directory with --policy-config. See docs/checkpoints.md.")
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="step directory, pointer, run directory or DeepSpeed dir")
-    p.add_argument("out_dir", metavar="OUT_DIR", type=Path, help="output directory (new, or an earlier convert output)")
+    p.add_argument("out_dir", metavar="OUT_DIR", type=Path, nargs="?",
+                   help="output directory (new, or an earlier convert output); not with --universal")
+    p.add_argument("--universal", action="store_true",
+                   help="instead: write the step as DeepSpeed's universal checkpoint into STEP/universal/, which a "
+                   "--resume on another number of processes reads (done on such a resume anyway; ahead of time "
+                   "here, e.g. on a login node, so the job's ranks do not wait for it)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="dtype of the written floating-point tensors")
     p.add_argument("--trainable-only", action="store_true",
@@ -43,7 +48,20 @@ def add_parser(sub, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vla_ds.convert import convert_checkpoint
+    from vla_ds.convert import convert_checkpoint, convert_universal
+    from vla_ds.errors import UsageError
+
+    if args.universal:
+        other = [f for f in ("trainable_only", "merge_lora", "adapter_only") if getattr(args, f)]
+        if other:
+            raise UsageError(f"--universal and --{other[0].replace('_', '-')}: the universal checkpoint is for resuming, "
+                             "not a policy; give one of the two")
+        if args.out_dir is not None:
+            raise UsageError(f"--universal writes into the step directory (STEP/universal); drop OUT_DIR {args.out_dir}")
+        convert_universal(args.checkpoint)
+        return 0
+    if args.out_dir is None:
+        raise UsageError("OUT_DIR is missing: vla-ds convert CHECKPOINT OUT_DIR (or CHECKPOINT --universal)")
 
     convert_checkpoint(args.checkpoint, args.out_dir, dtype=args.dtype, trainable_only=args.trainable_only,
                        merge_lora=args.merge_lora, adapter_only=args.adapter_only,

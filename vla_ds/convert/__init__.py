@@ -5,7 +5,7 @@ The rooms: `checkpoint` (finding a checkpoint's pieces, gathering ZeRO shards, w
 docstring documents the layout) and `lora` (the merge). Weight-file helpers (`read_state_dict`,
 `refuse_pickle`) live in `vla_ds.utils.weights`.
 """
-from vla_ds.convert.checkpoint import CheckpointSource, convert_checkpoint, resolve_checkpoint
+from vla_ds.convert.checkpoint import CheckpointSource, convert_checkpoint, convert_universal, resolve_checkpoint
 from vla_ds.utils.weights import read_state_dict
 
-__all__ = ["convert_checkpoint", "resolve_checkpoint", "CheckpointSource", "read_state_dict"]
+__all__ = ["convert_checkpoint", "convert_universal", "resolve_checkpoint", "CheckpointSource", "read_state_dict"]

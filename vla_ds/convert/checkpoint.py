@@ -261,6 +261,22 @@ def _policy_tensors(policy, dtype, names: list[str] | None) -> dict:
     return out
 
 
+def convert_universal(checkpoint: str | os.PathLike) -> Path:
+    """`vla-ds convert CHECKPOINT --universal`: write the step as DeepSpeed's universal checkpoint into
+    STEP/universal/, where a `--resume` on another number of processes reads it (otherwise its rank 0
+    converts on the first such resume while the other ranks wait). Returns that directory."""
+    from vla_ds.train.elastic import to_universal
+
+    source = resolve_checkpoint(checkpoint)
+    if source.step_dir is None:
+        raise UsageError(f"CHECKPOINT {checkpoint}: --universal converts a vla-ds step directory (what --resume "
+                         "takes), not a raw DeepSpeed directory")
+    out = to_universal(source.step_dir, what="CHECKPOINT")
+    log.info("universal checkpoint of %s in %s: --resume %s on any number of processes reads it", source.step_dir.name,
+             out, source.step_dir)
+    return out
+
+
 def convert_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str = "float32",
                        trainable_only: bool = False, merge_lora: bool = False, max_shard_size: str | int = "2GB",
                        tag: str | None = None, policy_config: str | os.PathLike | None = None,

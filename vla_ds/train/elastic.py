@@ -61,11 +61,11 @@ def _safe_torch_load():
         torch.load = real
 
 
-def to_universal(step_dir: Path, out: Path | None = None) -> Path:
+def to_universal(step_dir: Path, out: Path | None = None, what: str = "--resume") -> Path:
     """Not collective (one process). Write `step_dir`'s DeepSpeed shards as a universal checkpoint
     into `out` (default STEP/universal): `out/<tag>/` with `zero/<param>/{fp32,exp_avg,exp_avg_sq}.pt`
     and `out/latest_universal`. Made once: an existing one is kept; a killed conversion leaves only a
-    temporary directory, replaced next time. Returns `out`."""
+    temporary directory, replaced next time. Returns `out`. `what` names the flag in errors."""
     from deepspeed.checkpoint import ds_to_universal
 
     step_dir = Path(step_dir)
@@ -75,7 +75,7 @@ def to_universal(step_dir: Path, out: Path | None = None) -> Path:
         return out
     src = step_dir / "ds" / tag
     if not src.is_dir():
-        raise UsageError(f"--resume {step_dir}: no DeepSpeed engine state in {src} to convert")
+        raise UsageError(f"{what} {step_dir}: no DeepSpeed engine state in {src} to convert")
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     args = argparse.Namespace(input_folder=str(src), output_folder=str(tmp / tag), num_extract_workers=1,
@@ -90,7 +90,7 @@ def to_universal(step_dir: Path, out: Path | None = None) -> Path:
     except Exception as e:  # DeepSpeed's converter asserts; one line, and the checkpoint as it was
         shutil.rmtree(tmp, ignore_errors=True)
         why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        raise UsageError(f"--resume {step_dir}: DeepSpeed could not convert it for another number of processes "
+        raise UsageError(f"{what} {step_dir}: DeepSpeed could not convert it for another number of processes "
                          f"({why}); resume with the number of processes that wrote it") from None
     (tmp / "latest_universal").write_text(tag)
     if out.exists():
