@@ -22,6 +22,7 @@ FLOORS = [
     ("vla_ds.eval",),  # scores policies (the trainer's --eval-every calls it)
     ("vla_ds.train",),
     ("vla_ds.convert",),  # reads what train writes
+    ("vla_ds.serve",),  # loads a policy (eval's locate) and answers the robot
     ("vla_ds.profiling",),  # runs the trainer
     ("vla_ds.demo",),  # the whole pipeline
     ("vla_ds.cli", "vla_ds.__main__"),  # argv; every package's __main__ is a door into it

@@ -31,6 +31,7 @@ SUBCOMMANDS = {
     "convert": "vla_ds.cli.convert",
     "profile": "vla_ds.cli.profile",
     "plan": "vla_ds.cli.plan",
+    "serve": "vla_ds.cli.serve",
     "build-ops": "vla_ds.cli.build_ops",
 }
 

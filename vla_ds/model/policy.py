@@ -261,7 +261,7 @@ class QwenVLA(nn.Module):
     @torch.no_grad()
     def predict(self, text_inputs: list[str], image_inputs: list[list], sensor_data: torch.Tensor | None = None,
                 sensor_mask: torch.Tensor | None = None, bad_sensor: str = "error", state: dict | None = None,
-                num_samples: int | None = None, seed: int = 0, generator: torch.Generator | None = None,
+                num_samples: int | None = None, seed: int | list[int] = 0, generator: torch.Generator | None = None,
                 flow_steps: int | None = None) -> torch.Tensor:
         """Denormalized action chunks `(B, H, A)` (fp32, on CPU) for the robot; `(B, K, H, A)` with
         `num_samples=K`.
@@ -274,7 +274,9 @@ class QwenVLA(nn.Module):
 
         A flow head (--action-head flow) integrates `flow_steps` (default: its --flow-steps) Euler
         steps from noise drawn by `generator`, else by a generator seeded with `seed`: the same call
-        gives the same chunks. `num_samples=K` draws K chunks per observation (the VL backbone runs
+        gives the same chunks. `seed` may be a list, one per sample: each sample then draws from its
+        own stream, so its chunks do not depend on what else is in the batch (the policy server's
+        batches of concurrent requests). `num_samples=K` draws K chunks per observation (the VL backbone runs
         once); a regression head's K chunks are K copies of its one.
 
         A window with NaN/inf in a valid row is a `UsageError` (on a robot a NaN action is a safety
@@ -287,6 +289,8 @@ class QwenVLA(nn.Module):
 
         if num_samples is not None and num_samples < 1 or flow_steps is not None and flow_steps < 1:
             raise UsageError(f"predict: num_samples={num_samples}, flow_steps={flow_steps}; both must be >= 1")
+        if isinstance(seed, (list, tuple)) and len(seed) != len(text_inputs):
+            raise ValueError(f"predict: {len(seed)} seeds for {len(text_inputs)} samples")
         batch = predict_batch(self, text_inputs, image_inputs, sensor_data, sensor_mask, bad_sensor, state)
         k, steps = num_samples or 1, flow_steps or self.config.flow_steps
         was_training = self.training
@@ -298,9 +302,13 @@ class QwenVLA(nn.Module):
                 memory, mask = self.memory(batch)
                 if self.config.action_head == "flow":
                     memory, mask = memory.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)
-                    g = generator if generator is not None else torch.Generator().manual_seed(seed)
-                    noise = torch.randn(memory.shape[0], self.config.horizon, self.config.action_dim, generator=g,
-                                        device=g.device)
+                    shape = (self.config.horizon, self.config.action_dim)
+                    if isinstance(seed, (list, tuple)) and generator is None:  # one stream per sample
+                        noise = torch.cat([torch.randn(k, *shape, generator=torch.Generator().manual_seed(int(s)))
+                                           for s in seed])
+                    else:
+                        g = generator if generator is not None else torch.Generator().manual_seed(seed)
+                        noise = torch.randn(memory.shape[0], *shape, generator=g, device=g.device)
                     out = integrate(self.expert, memory, mask, noise.to(self.device), steps)
                 else:
                     out = self.expert(memory, mask).repeat_interleave(k, 0)
