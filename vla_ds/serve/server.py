@@ -103,13 +103,20 @@ def decode_image(value, field: str) -> np.ndarray:
                                    "(H, W, 3) array") from None
 
 
+def new_model_thread() -> concurrent.futures.ThreadPoolExecutor:
+    """The one thread the policy runs on. Load the policy on it too (`serve_policy` does): each thread
+    that runs torch ops gets an OpenMP team of its own, and two teams on the same cores slowed every
+    forward pass by ~40 % here (2 cores, the tiny backbone)."""
+    return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vla-ds-serve-model")
+
+
 class PolicyServer:
     """Serve `policy` (a `QwenVLA`) on host:port; see the module docstring. `serve_forever` in an
     event loop, or `start()` / `stop()` on a thread of its own (tests, benchmarks, notebooks)."""
 
     def __init__(self, policy, *, host: str = "127.0.0.1", port: int = 8765, token: str | None = None,
                  max_batch: int = 8, max_wait_ms: float = 0.0, max_message_bytes: int = 32 << 20,
-                 step: int | None = None):
+                 step: int | None = None, model_thread: concurrent.futures.ThreadPoolExecutor | None = None):
         if max_batch < 1 or max_wait_ms < 0 or max_message_bytes < 1024:
             raise ValueError(f"max_batch={max_batch} (>= 1), max_wait_ms={max_wait_ms} (>= 0), "
                              f"max_message_bytes={max_message_bytes} (>= 1024)")
@@ -118,7 +125,7 @@ class PolicyServer:
         self.max_message_bytes = max_message_bytes
         self.meta = metadata(policy, max_message_bytes, max_batch, step)
         self.stats = {"requests": 0, "errors": 0, "batches": 0, "largest_batch": 0, "refused": 0}
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vla-ds-serve-model")
+        self._pool = model_thread or new_model_thread()
         self._queue: asyncio.Queue | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopped: asyncio.Event | None = None
@@ -305,10 +312,12 @@ def serve_policy(spec: str, *, host: str = "127.0.0.1", port: int = 8765, token:
         raise UsageError(f"--port {port}: give 0..65535 (0: any free port)")
     found = locate(spec)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    policy = QwenVLA.from_pretrained(found.policy_dir, backbone=backbone, device=device)
+    model_thread = new_model_thread()
+    policy = model_thread.submit(QwenVLA.from_pretrained, found.policy_dir, backbone=backbone, device=device).result()
     if host not in ("127.0.0.1", "localhost", "::1") and token is None:
         log.warning("serving on %s without --token: anyone who can reach this port can drive the policy", host)
-    server = PolicyServer(policy, host=host, port=port, token=token, step=policy_step(found.policy_dir), **options)
+    server = PolicyServer(policy, host=host, port=port, token=token, step=policy_step(found.policy_dir),
+                          model_thread=model_thread, **options)
     log.info("policy %s (%s), %s head, views %s, on %s", found.policy_dir, found.checkpoint, policy.config.action_head,
              ", ".join(server.meta["views"]), device)
     try:
