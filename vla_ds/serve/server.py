@@ -72,8 +72,8 @@ def metadata(policy, max_message_bytes: int, max_batch: int, step: int | None) -
             "sensor_length": cfg.sensor_temporal_length if policy.sensor_encoder is not None else None,
             "state_keys": list(cfg.state_key_names()) if policy.state_encoder is not None else [],
             "horizon": cfg.horizon, "action_dim": dims,
-            "action_names": ACTION_NAMES[:dims] if dims == len(ACTION_NAMES) else [f"a{i}" for i in range(dims)],
-            "action_units": ACTION_UNITS[:dims] if dims == len(ACTION_UNITS) else ["?"] * dims,
+            "action_names": ACTION_NAMES if dims == len(ACTION_NAMES) else [f"a{i}" for i in range(dims)],
+            "action_units": ACTION_UNITS if dims == len(ACTION_UNITS) else ["?"] * dims,
             "action_head": cfg.action_head, "policy_step": step, "max_message_bytes": max_message_bytes,
             "max_batch": max_batch}
 
@@ -230,10 +230,7 @@ class PolicyServer:
             except ProtocolError as e:
                 self.stats["errors"] += 1
                 log.warning("serve: refused a request from %s: %s", peer, e)
-                try:
-                    await ws.send(pack(error_reply(request_id, e)))
-                except TypeError:  # an id msgpack cannot carry back
-                    await ws.send(pack(error_reply(None, e)))
+                await ws.send(pack(error_reply(request_id, e)))  # an id that was unpacked packs again
                 continue
             fut = asyncio.get_running_loop().create_future()
             await self._queue.put((obs, fut))
