@@ -44,6 +44,7 @@ from vla_ds.model.normalize import Normalizer
 from vla_ds.model.sensor import SensorEncoder, SensorFeatures
 from vla_ds.model.state import StateEncoder
 from vla_ds.model.vl_tokens import VLFeatures
+from vla_ds.model.zero3_load import full_shape
 from vla_ds.utils.dist import device_for
 
 log = logging.getLogger(__name__)
@@ -341,7 +342,7 @@ class QwenVLA(nn.Module):
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
-            ndim = len(getattr(p, "ds_shape", p.shape))  # (a ZeRO-3 partitioned parameter is flat)
+            ndim = len(full_shape(p))  # (a ZeRO-3 partitioned parameter's data is empty)
             decay = ndim >= 2 and not name.endswith(_NO_DECAY_SUFFIXES)
             buckets.setdefault((self.component_of(name), decay), []).append(p)
         groups = []

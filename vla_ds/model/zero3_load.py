@@ -40,6 +40,11 @@ def partitioned(p: torch.nn.Parameter) -> bool:
     return hasattr(p, "ds_tensor") and p.ds_tensor is not None
 
 
+def full_shape(p: torch.nn.Parameter) -> tuple[int, ...]:
+    """The parameter's whole shape (a ZeRO-3 partitioned one's data is empty; `ds_shape` keeps it)."""
+    return tuple(getattr(p, "ds_shape", p.shape))
+
+
 def shard_range(p: torch.nn.Parameter) -> tuple[int, int]:
     """(start, count): the flat elements of `p` that this rank's shard holds (count excludes padding)."""
     n = p.ds_tensor.ds_numel
@@ -53,10 +58,11 @@ def assign(p: torch.nn.Parameter, value: torch.Tensor) -> None:
         if not partitioned(p):
             p.copy_(value)
             return
-        if tuple(value.shape) != tuple(p.ds_shape):
-            raise ValueError(f"shape {tuple(value.shape)} does not match the parameter's {tuple(p.ds_shape)}")
+        if tuple(value.shape) != full_shape(p):
+            raise ValueError(f"shape {tuple(value.shape)} does not match the parameter's {full_shape(p)}")
         start, count = shard_range(p)
-        p.ds_tensor.narrow(0, 0, count).copy_(value.reshape(-1).narrow(0, start, count))
+        if count:
+            _copy_range(p.ds_tensor.view(-1), value, full_shape(p), start, count)  # a tensor slices like a file
 
 
 def module_name(key: str) -> str:
@@ -135,7 +141,7 @@ def load_shards(model: torch.nn.Module, path: str | os.PathLike, files: dict[str
             reverse = {module_name(k): k for k in f.keys()}
             for name in names:
                 p, sliced = params[name], f.get_slice(reverse[name])
-                shape = tuple(p.ds_shape) if partitioned(p) else tuple(p.shape)
+                shape = full_shape(p)
                 if tuple(sliced.get_shape()) != shape:
                     raise UsageError(f"--backbone {path}: {reverse[name]} has shape {tuple(sliced.get_shape())}, the "
                                      f"model's config says {shape}; the config.json does not match the weights")

@@ -46,8 +46,8 @@ class ProtocolError(ValueError):
 def _default(obj):
     if isinstance(obj, np.ndarray):
         arr = np.ascontiguousarray(obj)
-        if arr.dtype.byteorder == ">" or arr.dtype.str not in WIRE_DTYPES:
-            arr = arr.astype(arr.dtype.newbyteorder("<")) if arr.dtype.kind in "iuf" else arr
+        if arr.dtype.byteorder == ">":  # the wire is little-endian
+            arr = arr.astype(arr.dtype.newbyteorder("<"))
         if arr.dtype.str not in WIRE_DTYPES:
             raise TypeError(f"cannot send an array of dtype {obj.dtype}: numbers and bools only")
         return {"__nd__": 1, "dtype": arr.dtype.str, "shape": list(arr.shape), "data": arr.tobytes()}

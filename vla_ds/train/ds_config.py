@@ -83,17 +83,21 @@ def offloads_optimizer(cfg: dict) -> bool:
     return dev.get("device", "none") not in ("none", None)
 
 
+def param_offload_device(cfg: dict) -> str | None:
+    """Where ZeRO-3 offloads the parameters: "cpu", "nvme", or None."""
+    dev = (cfg.get("zero_optimization", {}).get("offload_param", {}) or {}).get("device", "none")
+    return None if dev in ("none", None) else dev
+
+
 def offloads_params(cfg: dict) -> bool:
-    dev = cfg.get("zero_optimization", {}).get("offload_param", {}) or {}
-    return dev.get("device", "none") not in ("none", None)
+    return param_offload_device(cfg) is not None
 
 
 def partitioned_load(cfg: dict) -> dict | None:
     """The config to build the backbone partitioned with (ZeRO-3: no rank loads it whole), or None.
     Parameters offloaded to NVMe load whole and are partitioned by deepspeed.initialize: the shards
     would live in swap files that the loader does not write."""
-    dev = (cfg.get("zero_optimization", {}).get("offload_param", {}) or {}).get("device")
-    return cfg if zero_stage(cfg) == 3 and dev != "nvme" else None
+    return cfg if zero_stage(cfg) == 3 and param_offload_device(cfg) != "nvme" else None
 
 
 def bf16_supported() -> bool:

@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 
 from vla_ds.errors import UsageError
-from vla_ds.model.zero3_load import assign
+from vla_ds.model.zero3_load import assign, full_shape
 from vla_ds.utils.weights import refuse_pickle
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ def load_init_weights(model, path: str | Path) -> dict:
                          "the policy directory a vla-ds run or `vla-ds convert` wrote") from None
     params = dict(model.named_parameters(remove_duplicate=False))
     wanted = set(model.saved_parameter_names())
-    shape = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in params.items()}  # ZeRO-3 shards: the whole shape
+    shape = {n: full_shape(p) for n, p in params.items()}
     mismatched = [f"{n} {tuple(t.shape)} vs {shape[n]}" for n, t in tensors.items()
                   if n in params and shape[n] != tuple(t.shape)]
     if mismatched:
